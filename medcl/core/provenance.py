@@ -1,0 +1,96 @@
+"""View provenance: where each SSL view came from, as tensors (DESIGN.md, idea 2).
+
+A view sampler returns a :class:`ViewBatch`. Every view carries
+
+* ``source_id``  ``[N]`` int64: the id of the volume it was cut from (global across ranks when the
+  sampler is given global ids);
+* ``partition``  ``[N]`` int64: its partition index (G^D strategies) or ``-1``;
+* ``affine``     ``[N, 4, 4]`` float64: view voxel index -> source-volume world millimetres, with the
+  crop, flips, 90-degree rotations and scaling folded in;
+* ``norm``       ``[N, 4, 4]`` float64: source-volume world millimetres -> normalised coordinates of that
+  volume's foreground box (``[0, 1]^3`` inside the box), so positions compare across volumes.
+
+Correspondence between views ``a`` and ``b`` of one volume: ``inv(A_b) @ A_a`` maps a voxel of ``a`` to
+(continuous) voxel coordinates of ``b``. Across volumes, ``inv(norm_b @ A_b) @ norm_a @ A_a`` maps
+by normalised anatomical position.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from dataclasses import dataclass, fields, replace
+
+import torch
+
+
+@dataclass
+class ViewBatch:
+    """A batch of SSL views with their geometric provenance.
+
+    Attributes:
+        views: ``[N, C, D, H, W]`` view intensities (D, H, W are the view's voxel axes i, j, k).
+        source_id: ``[N]`` int64 source volume id.
+        partition: ``[N]`` int64 partition index, ``-1`` when not partitioned.
+        affine: ``[N, 4, 4]`` float64 view voxel -> source mm.
+        norm: ``[N, 4, 4]`` float64 source mm -> normalised foreground-box coordinates.
+        mask: optional ``[N, 1, D, H, W]`` bool, True where a voxel was masked out (reconstruction).
+        target: optional ``[N, C, D, H, W]`` unmasked intensities (reconstruction target).
+    """
+
+    views: torch.Tensor
+    source_id: torch.Tensor
+    partition: torch.Tensor
+    affine: torch.Tensor
+    norm: torch.Tensor
+    mask: torch.Tensor | None = None
+    target: torch.Tensor | None = None
+
+    def __post_init__(self) -> None:
+        n = self.views.shape[0]
+        if self.views.ndim != 5:
+            raise ValueError(f"views must be [N, C, D, H, W], got shape {tuple(self.views.shape)}")
+        for name, shape in (("source_id", (n,)), ("partition", (n,)), ("affine", (n, 4, 4)), ("norm", (n, 4, 4))):
+            t = getattr(self, name)
+            if tuple(t.shape) != shape:
+                raise ValueError(f"ViewBatch.{name} must have shape {shape}, got {tuple(t.shape)}")
+
+    def __len__(self) -> int:
+        return int(self.views.shape[0])
+
+    def to(self, device: torch.device | str, non_blocking: bool = False) -> ViewBatch:
+        """Move every tensor (the float64 affines too) to ``device``."""
+        kw = {}
+        for f in fields(self):
+            v = getattr(self, f.name)
+            kw[f.name] = v.to(device, non_blocking=non_blocking) if isinstance(v, torch.Tensor) else v
+        return ViewBatch(**kw)
+
+    def correspondence(self, a: torch.Tensor | int, b: torch.Tensor | int) -> torch.Tensor:
+        """``[..., 4, 4]`` map from voxels of views ``a`` to voxel coordinates of views ``b``."""
+        return torch.linalg.inv(self.affine[b]) @ self.affine[a]
+
+    def normalised_affine(self) -> torch.Tensor:
+        """``[N, 4, 4]`` view voxel -> normalised foreground-box coordinates of its source."""
+        return self.norm @ self.affine
+
+    def select(self, index: torch.Tensor | Sequence[int]) -> ViewBatch:
+        """A sub-batch (rows ``index``)."""
+        idx = torch.as_tensor(index, dtype=torch.long, device=self.views.device)
+        kw = {f.name: (getattr(self, f.name)[idx] if getattr(self, f.name) is not None else None) for f in fields(self)}
+        return replace(self, **kw)
+
+    @staticmethod
+    def cat(batches: Sequence[ViewBatch]) -> ViewBatch:
+        """Concatenate batches along N (used as a collate function)."""
+        if not batches:
+            raise ValueError("ViewBatch.cat needs at least one batch")
+        kw = {}
+        for f in fields(ViewBatch):
+            vals = [getattr(b, f.name) for b in batches]
+            if all(v is None for v in vals):
+                kw[f.name] = None
+            elif any(v is None for v in vals):
+                raise ValueError(f"ViewBatch.cat: field '{f.name}' is set in some batches only")
+            else:
+                kw[f.name] = torch.cat(vals, dim=0)
+        return ViewBatch(**kw)

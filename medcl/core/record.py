@@ -1,0 +1,85 @@
+"""The run record: what travels with every checkpoint (DESIGN.md, idea 5).
+
+A :class:`RunRecord` is stored as a plain ``dict`` of strings, numbers, lists and dicts so that it
+survives ``torch.load(..., weights_only=True)`` and YAML/JSON alike. ``predict`` needs nothing else
+to reproduce the preprocessing; fine-tuning reads ``cases_seen`` to refuse test-set leakage.
+"""
+
+from __future__ import annotations
+
+import datetime as _dt
+import platform
+import sys
+from dataclasses import asdict, dataclass, field
+from typing import Any
+
+from medcl.core.errors import MedclDataError
+
+RECORD_VERSION = 1
+
+
+def environment() -> dict[str, str]:
+    """Versions of the interpreter and the main libraries, and the accelerator if any."""
+    env = {"python": sys.version.split()[0], "platform": platform.platform()}
+    for mod in ("torch", "monai", "lightning", "numpy", "nibabel", "SimpleITK"):
+        m = sys.modules.get(mod)
+        if m is None:
+            try:
+                m = __import__(mod)
+            except ImportError:
+                continue
+        env[mod] = str(getattr(m, "__version__", getattr(m, "Version", lambda: "?")))
+    torch = sys.modules.get("torch")
+    if torch is not None and torch.cuda.is_available():
+        env["cuda_device"] = torch.cuda.get_device_name(0)
+    return env
+
+
+@dataclass
+class RunRecord:
+    """Versioned provenance of one run.
+
+    Attributes:
+        kind: ``"pretrain"``, ``"finetune"``, ``"mil"`` ...
+        config: the resolved config (plain dict).
+        plan: the preprocessing plan (plain dict, see :mod:`medcl.data.plan`).
+        cases_seen: ids of every case whose voxels the run used for training.
+        test_cases: ids held out for testing (fine-tuning runs).
+        medcl_version, environment, created: filled in automatically.
+    """
+
+    kind: str
+    config: dict[str, Any] = field(default_factory=dict)
+    plan: dict[str, Any] = field(default_factory=dict)
+    cases_seen: list[str] = field(default_factory=list)
+    test_cases: list[str] = field(default_factory=list)
+    medcl_version: str = ""
+    environment: dict[str, str] = field(default_factory=dict)
+    created: str = ""
+    version: int = RECORD_VERSION
+
+    def __post_init__(self) -> None:
+        if not self.medcl_version:
+            from medcl import __version__
+
+            self.medcl_version = __version__
+        if not self.environment:
+            self.environment = environment()
+        if not self.created:
+            self.created = _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds")
+
+    def to_dict(self) -> dict[str, Any]:
+        return asdict(self)
+
+    @classmethod
+    def from_dict(cls, d: dict[str, Any], source: str = "run record") -> RunRecord:
+        """Rebuild from :meth:`to_dict` output; refuses records from a newer medcl."""
+        if not isinstance(d, dict) or "kind" not in d:
+            raise MedclDataError(source, "not a medcl run record (no 'kind')")
+        version = int(d.get("version", 0))
+        if version > RECORD_VERSION:
+            raise MedclDataError(
+                source, f"run record version {version} is newer than this medcl understands ({RECORD_VERSION})"
+            )
+        known = {f for f in cls.__dataclass_fields__}
+        return cls(**{k: v for k, v in d.items() if k in known})
