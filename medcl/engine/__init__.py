@@ -1,0 +1,1 @@
+"""What the jobs share: checkpoint I/O, seeding, plots, the Lightning trainer factory."""

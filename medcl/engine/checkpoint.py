@@ -1,0 +1,68 @@
+"""Checkpoints: written atomically, read safely.
+
+Why not Lightning's own writer: ``lightning.fabric.utilities.cloud_io._atomic_save`` writes through an
+fsspec transaction whose local implementation stages the bytes in the *system* temp directory and then
+``shutil.move``\\s them; when ``/tmp`` and the run directory are on different filesystems that move is a copy,
+and a SIGKILL during it leaves a truncated checkpoint under the final name. We stage next to the target and
+``os.replace`` (atomic on POSIX within one filesystem), and fsync before the rename.
+"""
+
+from __future__ import annotations
+
+import io
+import os
+import tempfile
+from pathlib import Path
+from typing import Any
+
+import torch
+from lightning.fabric.plugins.io.torch_io import TorchCheckpointIO
+
+from medcl.core.errors import MedclDataError
+
+
+def atomic_write_bytes(data: bytes, path: str | os.PathLike) -> None:
+    """Write ``data`` to ``path`` atomically: temp file in the same folder, fsync, ``os.replace``."""
+    target = Path(path)
+    target.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(prefix=f".{target.name}.", suffix=".tmp", dir=target.parent)
+    try:
+        with os.fdopen(fd, "wb") as f:
+            f.write(data)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, target)
+    except BaseException:
+        try:
+            os.unlink(tmp)
+        except FileNotFoundError:
+            pass
+        raise
+
+
+def atomic_torch_save(obj: Any, path: str | os.PathLike) -> None:
+    """``torch.save`` through :func:`atomic_write_bytes`."""
+    buf = io.BytesIO()
+    torch.save(obj, buf)
+    atomic_write_bytes(buf.getvalue(), path)
+
+
+def safe_torch_load(path: str | os.PathLike, map_location: Any = "cpu") -> Any:
+    """``torch.load(weights_only=True)`` with errors that name the file."""
+    p = Path(path)
+    if not p.is_file():
+        raise MedclDataError(p, "checkpoint file does not exist")
+    try:
+        return torch.load(p, map_location=map_location, weights_only=True)
+    except Exception as exc:  # pickle, zip and unpickler errors all mean the same to the user
+        raise MedclDataError(p, f"cannot read checkpoint (corrupt, or not a weights-only checkpoint): {exc}") from exc
+
+
+class AtomicCheckpointIO(TorchCheckpointIO):
+    """Lightning checkpoint I/O plugin: atomic same-folder writes, ``weights_only=True`` reads."""
+
+    def save_checkpoint(self, checkpoint: dict[str, Any], path: Any, storage_options: Any | None = None) -> None:
+        atomic_torch_save(checkpoint, path)
+
+    def load_checkpoint(self, path: Any, map_location: Any | None = None, weights_only: bool | None = None) -> dict:
+        return safe_torch_load(path, map_location=map_location if map_location is not None else "cpu")
