@@ -13,14 +13,30 @@ A view sampler returns a :class:`ViewBatch`. Every view carries
 Correspondence between views ``a`` and ``b`` of one volume: ``inv(A_b) @ A_a`` maps a voxel of ``a`` to
 (continuous) voxel coordinates of ``b``. Across volumes, ``inv(norm_b @ A_b) @ norm_a @ A_a`` maps
 by normalised anatomical position.
+
+Optional fields, set by the samplers that need them (``None`` otherwise):
+
+* ``role``    ``[N]`` int64: VoCo view role, :data:`ROLE_BASE` (a base crop of the grid) or
+  :data:`ROLE_RANDOM` (a random crop whose position is predicted);
+* ``targets`` ``[N, G]`` float: VoCo overlap targets, the fraction of the view's volume inside each of
+  the ``G`` base crops of its volume (base crops: one-hot);
+* ``match``   ``[N]`` int64: cross-volume positive group (mined pairs): views with the same non-negative
+  group are positives, ``-1`` means no mined positive. Groups are kept ``< N`` (a group is named by a
+  row of the batch), so :meth:`ViewBatch.cat` offsets them by the rows before and stays unique.
 """
 
 from __future__ import annotations
 
+import itertools
 from collections.abc import Sequence
 from dataclasses import dataclass, fields, replace
 
 import torch
+
+ROLE_BASE = 0
+"""``ViewBatch.role`` of a VoCo base crop."""
+ROLE_RANDOM = 1
+"""``ViewBatch.role`` of a VoCo random crop."""
 
 
 @dataclass
@@ -35,6 +51,11 @@ class ViewBatch:
         norm: ``[N, 4, 4]`` float64 source mm -> normalised foreground-box coordinates.
         mask: optional ``[N, 1, D, H, W]`` bool, True where a voxel was masked out (reconstruction).
         target: optional ``[N, C, D, H, W]`` unmasked intensities (reconstruction target).
+        role: optional ``[N]`` int64 VoCo role (:data:`ROLE_BASE` / :data:`ROLE_RANDOM`).
+        targets: optional ``[N, G]`` float VoCo overlap fractions with the ``G`` base crops of the view's
+            volume (rows of base crops are one-hot; rows of random crops sum to the fraction of the crop
+            inside the base region).
+        match: optional ``[N]`` int64 cross-volume positive group, ``-1`` for none (see module docstring).
     """
 
     views: torch.Tensor
@@ -44,6 +65,9 @@ class ViewBatch:
     norm: torch.Tensor
     mask: torch.Tensor | None = None
     target: torch.Tensor | None = None
+    role: torch.Tensor | None = None
+    targets: torch.Tensor | None = None
+    match: torch.Tensor | None = None
 
     def __post_init__(self) -> None:
         n = self.views.shape[0]
@@ -53,6 +77,19 @@ class ViewBatch:
             t = getattr(self, name)
             if tuple(t.shape) != shape:
                 raise ValueError(f"ViewBatch.{name} must have shape {shape}, got {tuple(t.shape)}")
+        spatial = tuple(self.views.shape[2:])
+        optional = (
+            ("mask", (n, 1, *spatial)),
+            ("target", (n, self.views.shape[1], *spatial)),
+            ("role", (n,)),
+            ("match", (n,)),
+        )
+        for name, shape in optional:
+            t = getattr(self, name)
+            if t is not None and tuple(t.shape) != shape:
+                raise ValueError(f"ViewBatch.{name} must have shape {shape}, got {tuple(t.shape)}")
+        if self.targets is not None and (self.targets.ndim != 2 or self.targets.shape[0] != n):
+            raise ValueError(f"ViewBatch.targets must have shape ({n}, G), got {tuple(self.targets.shape)}")
 
     def __len__(self) -> int:
         return int(self.views.shape[0])
@@ -77,6 +114,8 @@ class ViewBatch:
         """A sub-batch (rows ``index``)."""
         idx = torch.as_tensor(index, dtype=torch.long, device=self.views.device)
         kw = {f.name: (getattr(self, f.name)[idx] if getattr(self, f.name) is not None else None) for f in fields(self)}
+        if kw["match"] is not None:
+            kw["match"] = _renumber_groups(kw["match"])
         return replace(self, **kw)
 
     @staticmethod
@@ -91,6 +130,19 @@ class ViewBatch:
                 kw[f.name] = None
             elif any(v is None for v in vals):
                 raise ValueError(f"ViewBatch.cat: field '{f.name}' is set in some batches only")
+            elif f.name == "match":
+                # groups are < len(batch): offsetting by the rows before keeps them unique
+                offsets = [0, *itertools.accumulate(len(b) for b in batches[:-1])]
+                kw[f.name] = torch.cat([torch.where(v >= 0, v + o, v) for v, o in zip(vals, offsets)], dim=0)
             else:
                 kw[f.name] = torch.cat(vals, dim=0)
         return ViewBatch(**kw)
+
+
+def _renumber_groups(match: torch.Tensor) -> torch.Tensor:
+    """Renumber non-negative groups to ``0..U-1`` (``< N``), keeping ``-1``; same grouping."""
+    valid = match >= 0
+    _, inverse = torch.unique(torch.where(valid, match, match.new_full((), -1)), return_inverse=True)
+    # -1 (if present) is the smallest unique value and takes rank 0: shift the others down by one
+    has_neg = (~valid).any()
+    return torch.where(valid, inverse - has_neg.long(), match.new_full((), -1))

@@ -1,0 +1,137 @@
+"""What every view sampler shares: orientation, augmentation, placement, rendering, the batch."""
+
+from __future__ import annotations
+
+from typing import Literal
+
+import torch
+
+from medcl.core.errors import MedclConfigError
+from medcl.core.provenance import ViewBatch
+from medcl.views import _rng
+from medcl.views.augment import IntensityAugment, SpatialAugment, SpatialDraw, identity_draw
+from medcl.views.crop import CropSpec, PaddingMode, place_crops, render, spacing_along
+from medcl.views.source import SourceVolume
+
+Orient = Literal["ras", "source"]
+Default = Literal["default"]
+"""Samplers take ``augment="default"`` / ``intensity="default"`` for their default augmentation and
+``None`` for none."""
+
+
+def resolve(value, factory):
+    """``factory()`` for ``"default"``, else ``value`` (``None`` disables)."""
+    return factory() if isinstance(value, str) and value == "default" else value
+
+
+def base_axes(volume: SourceVolume, orient: Orient) -> torch.Tensor:
+    """``[3, 3]`` un-augmented view axes -> source voxel axes.
+
+    ``"ras"``: view axes D, H, W run along the voxel axes nearest to world R, A, S (so views of volumes
+    stored in different orientations look alike); ``"source"``: the array axes i, j, k.
+    """
+    if orient == "ras":
+        return volume.ras_axes
+    if orient == "source":
+        return torch.eye(3, dtype=torch.float64)
+    raise MedclConfigError("views.orient", f"expected 'ras' or 'source', got {orient!r}")
+
+
+def fg_biased_points(volume: SourceVolume, n: int, fg_prob: float, generator: torch.Generator) -> torch.Tensor:
+    """``[n, 3]`` source voxel positions: uniform in the foreground box with probability ``fg_prob``,
+    else uniform in the whole volume (the extent from the outer face of the first voxel to the last)."""
+    box = volume.fg_box.double()
+    shape = torch.tensor(volume.shape, dtype=torch.float64)
+    in_fg = _rng.uniform(generator, n, 1) < fg_prob
+    u = _rng.uniform(generator, n, 3)
+    lo = torch.where(in_fg, box[0], torch.zeros(3, dtype=torch.float64)) - 0.5
+    hi = torch.where(in_fg, box[1], shape) - 0.5
+    return lo + u * (hi - lo)
+
+
+class ViewSamplerBase:
+    """Shared configuration of the samplers.
+
+    Args:
+        crop: size of each view (voxels or mm) and its output shape.
+        augment: spatial augmentation (flips, 90-degree rotations in equal-spacing planes, scaling),
+            or ``None``. The samplers take ``"default"`` for their default :class:`SpatialAugment`.
+        intensity: intensity augmentation, or ``None`` (samplers: ``"default"`` for
+            :class:`IntensityAugment` with its defaults).
+        orient: ``"ras"`` (view axes along R, A, S) or ``"source"`` (array axes).
+        padding_mode: value of view voxels outside the volume (``grid_sample``'s ``"border"``,
+            ``"zeros"``, ``"reflection"``).
+    """
+
+    def __init__(
+        self,
+        crop: CropSpec | None = None,
+        augment: SpatialAugment | None = None,
+        intensity: IntensityAugment | None = None,
+        orient: Orient = "ras",
+        padding_mode: PaddingMode = "border",
+    ) -> None:
+        self.crop = crop if crop is not None else CropSpec(32)
+        self.augment = augment
+        self.intensity = intensity
+        if orient not in ("ras", "source"):
+            raise MedclConfigError("views.orient", f"expected 'ras' or 'source', got {orient!r}")
+        if padding_mode not in ("zeros", "border", "reflection"):
+            raise MedclConfigError("views.padding_mode", f"expected zeros, border or reflection, got {padding_mode!r}")
+        self.orient = orient
+        self.padding_mode = padding_mode
+
+    # ------------------------------------------------------------------ geometry
+    def draw_spatial(self, volume: SourceVolume, n: int, generator: torch.Generator, augment: bool = True) -> SpatialDraw:
+        """Per-view spatial augmentation for ``n`` views of ``volume`` (identity when disabled)."""
+        if not augment or self.augment is None:
+            return identity_draw(n)
+        r0 = base_axes(volume, self.orient)
+        along = volume.spacing[r0.abs().argmax(dim=0)]
+        return self.augment.sample(n, self.crop.view_spacing(along), along, generator)
+
+    def linear(self, volume: SourceVolume, draw: SpatialDraw) -> torch.Tensor:
+        """``[N, 3, 3]`` source voxels per view voxel: orientation, augmentation and step folded in."""
+        r = base_axes(volume, self.orient) @ draw.linear  # view axes -> source axes (signed)
+        along = spacing_along(r, volume.spacing)  # [N, 3] spacing of the source axis of each view axis
+        step = self.crop.step(along) * draw.scale
+        return r * step[:, None, :]
+
+    def vox_maps(
+        self, volume: SourceVolume, centres: torch.Tensor, draw: SpatialDraw, clamp: bool
+    ) -> torch.Tensor:
+        """``[N, 4, 4]`` view voxel -> source voxel for crops centred at ``centres`` ``[N, 3]``."""
+        return place_crops(self.linear(volume, draw), self.crop.shape, centres, volume.shape, clamp=clamp)
+
+    # ------------------------------------------------------------------ output
+    def render(
+        self, volume: SourceVolume, vox_map: torch.Tensor, generator: torch.Generator, intensity: bool = True
+    ) -> torch.Tensor:
+        """``[N, C, D, H, W]`` views of ``volume`` at ``vox_map``, intensity-augmented if configured."""
+        views = render(volume.image, vox_map, self.crop.shape, padding_mode=self.padding_mode)
+        if intensity and self.intensity is not None:
+            views = self.intensity(views, generator)
+        return views
+
+    @staticmethod
+    def batch(
+        volume: SourceVolume,
+        views: torch.Tensor,
+        vox_map: torch.Tensor,
+        partition: torch.Tensor | None = None,
+        **extra: torch.Tensor | None,
+    ) -> ViewBatch:
+        """A :class:`ViewBatch` on the views' device (affines float64: ``volume.affine @ vox_map``)."""
+        n = views.shape[0]
+        dev = views.device
+        affine = (volume.affine.to(vox_map.device) @ vox_map.double()).to(dev)
+        if partition is None:
+            partition = torch.full((n,), -1, dtype=torch.long)
+        return ViewBatch(
+            views=views,
+            source_id=torch.full((n,), int(volume.source_id), dtype=torch.long, device=dev),
+            partition=partition.to(dev),
+            affine=affine,
+            norm=volume.norm.to(dev).expand(n, 4, 4).contiguous(),
+            **{k: (v.to(dev) if v is not None else None) for k, v in extra.items()},
+        )
