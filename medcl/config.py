@@ -104,7 +104,7 @@ def _coerce(value: Any, tp: Any, key: str) -> Any:
         if origin is tuple and args and args[-1] is not Ellipsis:
             if len(args) != len(value):
                 raise MedclConfigError(key, f"expected {len(args)} values, got {len(value)}")
-            return tuple(_coerce(v, a, f"{key}[{i}]") for i, (v, a) in enumerate(zip(args, value)))
+            return tuple(_coerce(v, a, f"{key}[{i}]") for i, (v, a) in enumerate(zip(value, args)))
         inner = args[0] if args else Any
         seq = [_coerce(v, inner, f"{key}[{i}]") for i, v in enumerate(value)]
         return tuple(seq) if (origin is tuple or tp is tuple) else seq
