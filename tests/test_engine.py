@@ -49,3 +49,39 @@ def test_plot_curves(tmp_path):
     csv.write_text("epoch,step,train/loss,probe/knn\n0,0,2.0,\n0,1,1.5,\n0,1,,0.4\n")
     out = plot_curves(csv, tmp_path / "loss.png")
     assert out is not None and out.stat().st_size > 1000
+
+
+def test_stream_ranks_partition_the_single_process_batches():
+    from medcl.engine.stream import StreamIndex, StreamSampler
+
+    single = list(StreamSampler(batch_size=4, total_batches=3))
+    r0 = list(StreamSampler(batch_size=2, total_batches=3, world_size=2, rank=0))
+    r1 = list(StreamSampler(batch_size=2, total_batches=3, world_size=2, rank=1))
+    for b in range(3):
+        assert sorted(r0[2 * b : 2 * b + 2] + r1[2 * b : 2 * b + 2]) == single[4 * b : 4 * b + 4]
+    resumed = StreamSampler(batch_size=4, total_batches=3, start_batch=1)
+    assert list(resumed) == single[4:] and len(resumed) == 12  # the length stays the whole run
+    idx = StreamIndex(5, seed=3)
+    epoch0 = sorted(idx(p)[1] for p in range(5))
+    assert epoch0 == list(range(5)) and idx(7)[0] == 1  # each epoch is a permutation
+    assert [idx(p) for p in range(10)] == [StreamIndex(5, seed=3)(p) for p in range(10)]
+
+
+def test_monitor_statistics_against_definitions():
+    from medcl.engine.monitor import effective_rank, embedding_std, knn_accuracy
+
+    z = torch.randn(64, 3) @ torch.diag(torch.tensor([1.0, 1.0, 0.0]))  # rank 2, equal spread
+    er = float(effective_rank(z))
+    assert 1.8 < er <= 2.0 + 1e-6
+    assert float(effective_rank(torch.ones(8, 4))) <= 1.0 + 1e-6  # collapsed (centred to zero)
+    collapsed = torch.ones(10, 16)
+    assert float(embedding_std(collapsed)) < 1e-6
+    spread = torch.eye(16)
+    manual = torch.nn.functional.normalize(spread, dim=1).std(dim=0).mean()
+    assert torch.isclose(embedding_std(spread), manual)
+    # two clusters, two groups: leave-one-group-out 1-NN finds the right cluster
+    emb = torch.tensor([[1.0, 0.0], [0.0, 1.0], [0.9, 0.1], [0.1, 0.9]])
+    labels = torch.tensor([0, 1, 0, 1])
+    groups = torch.tensor([0, 0, 1, 1])
+    assert knn_accuracy(emb, labels, groups, k=1) == 1.0
+    assert knn_accuracy(emb, torch.tensor([0, 1, 1, 0]), groups, k=1) == 0.0  # labels swapped in group 1
