@@ -203,6 +203,11 @@ def _final_step_checkpoint_callback():
 
 
 def last_checkpoint(out_dir: str | Path) -> Path | None:
-    """``out_dir/checkpoints/last.ckpt`` if a run left one, else None."""
-    p = Path(out_dir) / "checkpoints" / "last.ckpt"
-    return p if p.is_file() else None
+    """The newest checkpoint a run left in ``out_dir/checkpoints`` (``last.ckpt`` or ``step=N.ckpt``), or None.
+
+    Checkpoints are written atomically, so every file there is complete; the newest one wins because a
+    kill can land between writing ``step=N.ckpt`` and refreshing ``last.ckpt``.
+    """
+    folder = Path(out_dir) / "checkpoints"
+    found = [p for p in folder.glob("*.ckpt") if p.is_file()] if folder.is_dir() else []
+    return max(found, key=lambda p: (p.stat().st_mtime_ns, p.name == "last.ckpt")) if found else None

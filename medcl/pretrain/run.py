@@ -1,0 +1,273 @@
+"""``medcl pretrain``: the job that turns a folder of unlabelled volumes into a pretrained backbone.
+
+Run folder layout (``--out DIR``)::
+
+    config.yaml            the resolved config (what ``--resume`` reuses)
+    checkpoints/           last.ckpt and step=N.ckpt (atomic; run record inside as "medcl_record")
+    logs/metrics.csv       Lightning CSV logs (resumed runs add logs/resume-K/metrics.csv)
+    tensorboard/           TensorBoard events
+    metrics.csv            all logged values merged over resumes, one row per step
+    loss.png               loss terms and probes against step
+    backbone.pt            the backbone alone (medcl.models.save_backbone) with the run record
+    record.json            the run record (config, plan, cases seen, probe cases, version, environment)
+    summary.json           steps, time per step, peak memory, final probe values
+"""
+
+from __future__ import annotations
+
+import csv
+import json
+import logging
+import resource
+import time
+from dataclasses import replace
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from medcl.config import load_config, save_config, to_dict
+from medcl.core.errors import MedclConfigError, MedclDataError
+from medcl.core.record import RunRecord
+from medcl.engine.plots import plot_curves, read_metrics_csv
+from medcl.engine.trainer import last_checkpoint, make_trainer, resolve_accelerator, use_channels_last
+from medcl.pretrain.config import PretrainConfig
+
+log = logging.getLogger("medcl.pretrain")
+
+
+def split_probe_cases(ids: list[str], n_probe: int, seed: int) -> tuple[list[str], list[str]]:
+    """``(train ids, probe ids)``: ``n_probe`` volumes held back (at most a quarter of the data)."""
+    n_probe = min(n_probe, len(ids) // 4)
+    g = torch.Generator().manual_seed(seed)
+    perm = torch.randperm(len(ids), generator=g).tolist()
+    probe = sorted(ids[i] for i in perm[:n_probe])
+    train = [i for i in ids if i not in set(probe)]
+    return train, probe
+
+
+def resolve_config(
+    config: str | Path | PretrainConfig | None,
+    overrides: list[str] | None = None,
+    max_steps: int | None = None,
+    seed: int | None = None,
+) -> PretrainConfig:
+    """The validated config from a YAML path (or a config object), overrides, ``--max-steps``, ``--seed``."""
+    cfg = config if isinstance(config, PretrainConfig) else load_config(PretrainConfig, config, overrides or [])
+    if max_steps is not None:
+        if max_steps < 1:
+            raise MedclConfigError("max_steps", f"must be >= 1, got {max_steps}")
+        cfg = replace(cfg, trainer=replace(cfg.trainer, max_steps=int(max_steps)))
+    if seed is not None:
+        cfg = replace(cfg, seed=int(seed))
+    cfg.validate()
+    return cfg
+
+
+class _StepTimer:
+    """Median time per optimiser step and peak memory (a Lightning callback)."""
+
+    def __init__(self) -> None:
+        import lightning as L
+
+        timer = self
+
+        class Cb(L.Callback):
+            def on_train_batch_start(self, trainer, pl_module, batch, batch_idx):
+                timer._t0 = time.perf_counter()
+
+            def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx):
+                timer.times.append(time.perf_counter() - timer._t0)
+
+        self.times: list[float] = []
+        self._t0 = 0.0
+        self.callback = Cb()
+
+    def summary(self) -> dict[str, float]:
+        t = sorted(self.times[1:] or self.times)  # the first step pays for warm-up
+        out = {"steps_timed": len(self.times), "step_seconds_median": t[len(t) // 2] if t else float("nan")}
+        out["peak_rss_mb"] = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024.0
+        if torch.cuda.is_available():
+            out["peak_gpu_mb"] = torch.cuda.max_memory_allocated() / 2**20
+        return out
+
+
+def merge_metrics(out: Path) -> Path | None:
+    """Merge ``logs/metrics.csv`` and ``logs/resume-*/metrics.csv`` into ``out/metrics.csv``.
+
+    Later files win for a step they share (a killed run may have logged steps after its last checkpoint;
+    the resumed run logs them again).
+    """
+    files = [out / "logs" / "metrics.csv"] + sorted((out / "logs").glob("resume-*/metrics.csv"), key=lambda p: int(p.parent.name.split("-")[1]))
+    rows: dict[int, dict[str, float]] = {}
+    for f in files:
+        if not f.is_file():
+            continue
+        series = read_metrics_csv(f)
+        steps_here = {int(s) for v in series.values() for s, _ in v}
+        for step in steps_here:
+            rows.pop(step, None)
+        for key, pts in series.items():
+            for s, v in pts:
+                rows.setdefault(int(s), {})[key] = v
+    if not rows:
+        return None
+    keys = sorted({k for r in rows.values() for k in r})
+    target = out / "metrics.csv"
+    with open(target, "w", newline="") as fh:
+        w = csv.writer(fh)
+        w.writerow(["step", *keys])
+        for step in sorted(rows):
+            w.writerow([step, *[rows[step].get(k, "") for k in keys]])
+    return target
+
+
+def run_pretrain(
+    config: str | Path | PretrainConfig | None,
+    data: str | Path,
+    out: str | Path,
+    *,
+    overrides: list[str] | None = None,
+    max_steps: int | None = None,
+    device: str = "auto",
+    seed: int | None = None,
+    resume: bool = False,
+    cases: list[str] | None = None,
+    progress: bool = True,
+) -> Path:
+    """Pretrain a backbone; returns the run folder.
+
+    Args:
+        config: YAML path, a :class:`PretrainConfig`, or None for the defaults (needs ``terms``).
+        data: anything ``medcl data check`` accepts (labels are ignored).
+        out: the run folder.
+        overrides: ``key.sub=value`` config overrides.
+        max_steps, seed: override ``trainer.max_steps`` / ``seed``.
+        device: ``auto``, ``cpu`` or ``cuda``.
+        resume: continue from ``out/checkpoints/last.ckpt`` with the saved config.
+        cases: restrict to these case ids (e.g. the unlabelled pool of a label-budget split).
+        progress: show progress bars.
+    """
+    import lightning as L
+
+    from medcl.data import CaseDataset, load_manifest
+    from medcl.pretrain.data import PretrainDataModule, PretrainStream
+    from medcl.pretrain.module import PretrainModule
+    from medcl.pretrain.probe import ProbeCallback
+    from medcl.views import SourceVolume
+
+    out = Path(out)
+    ckpt = None
+    if resume:
+        ckpt = last_checkpoint(out)
+        if ckpt is None or not (out / "config.yaml").is_file():
+            raise MedclDataError(out, "nothing to resume: no checkpoints/last.ckpt and config.yaml in the run folder")
+        cfg = resolve_config(out / "config.yaml", overrides, max_steps, seed)
+    else:
+        cfg = resolve_config(config, overrides, max_steps, seed)
+    L.seed_everything(cfg.seed, workers=True, verbose=False)
+
+    manifest = load_manifest(data)
+    ids = [c.id for c in manifest.cases]
+    if cases is not None:
+        unknown = sorted(set(cases) - set(ids))
+        if unknown:
+            raise MedclDataError(data, f"case ids not in the dataset: {unknown[:5]}")
+        ids = [i for i in ids if i in set(cases)]
+    if len(ids) < 2:
+        raise MedclDataError(data, f"pretraining needs at least 2 volumes, found {len(ids)}")
+    n_channels = len(manifest.channel_names) or 1
+    if cfg.backbone.in_channels != n_channels:
+        cfg = replace(cfg, backbone=replace(cfg.backbone, in_channels=n_channels))
+    train_ids, probe_ids = split_probe_cases(ids, cfg.data.probe_volumes, cfg.seed)
+    if resume and (out / "record.json").is_file():
+        # the resumed run trains on exactly the cases of the interrupted one (e.g. a split's pool)
+        previous = json.loads((out / "record.json").read_text())
+        train_ids, probe_ids = list(previous["cases_seen"]), list(previous.get("probe_cases", []))
+        missing = sorted(set(train_ids + probe_ids) - {c.id for c in manifest.cases})
+        if missing:
+            raise MedclDataError(data, f"the run being resumed used cases that are not in this dataset: {missing[:5]}")
+    out.mkdir(parents=True, exist_ok=True)
+    if not resume:
+        save_config(cfg, out / "config.yaml")
+
+    record = RunRecord(
+        kind="pretrain",
+        config=to_dict(cfg),
+        plan=cfg.data.plan.to_dict(),
+        cases_seen=train_ids,
+        test_cases=[],
+    ).to_dict()
+    record["probe_cases"] = probe_ids
+    record["data"] = str(data)
+    (out / "record.json").write_text(json.dumps(record, indent=1))
+
+    cache_kw: dict[str, Any] = {"cache": cfg.data.cache}
+    if cfg.data.cache_dir:
+        cache_kw["cache_dir"] = cfg.data.cache_dir
+    sel = lambda keep: [c for c in manifest.cases if c.id in set(keep)]  # noqa: E731
+    train_ds = CaseDataset(manifest, cfg.data.plan, cases=sel(train_ids), with_label=False, **cache_kw)
+    probe_ds = CaseDataset(manifest, cfg.data.plan, cases=sel(probe_ids), with_label=False, cache="none")
+    _prewarm(train_ds, progress)
+    probe_vols = [SourceVolume.from_item(probe_ds[i], source_id=i) for i in range(len(probe_ds))]
+
+    view_sets = sorted({t.views for t in cfg.terms.values()})
+    stream = PretrainStream(train_ds, cfg, view_sets)
+    accelerator = resolve_accelerator(device)
+    module = PretrainModule(cfg, record, channels_last=use_channels_last(cfg.trainer, accelerator))
+    if cfg.trainer.compile:
+        module.backbone.compile()
+    voco = next((n for n, t in cfg.terms.items() if t.kind == "voco"), None)
+    probe = ProbeCallback(
+        probe_vols,
+        tuple(cfg.monitor.probe_crop),
+        cfg.monitor.probe_partitions,
+        cfg.monitor.knn_k,
+        cfg.monitor.probe_every,
+        voco_term=voco,
+        voco_sampler=stream.samplers[cfg.terms[voco].views] if voco else None,
+        per_partition=cfg.monitor.probe_crops_per_partition,
+    )
+    timer = _StepTimer()
+    csv_version = _next_resume_version(out) if resume else ""
+    trainer = make_trainer(
+        cfg.trainer, out, device, callbacks=[probe, timer.callback], enable_progress_bar=progress, csv_version=csv_version
+    )
+    trainer.fit(module, datamodule=PretrainDataModule(stream, cfg), ckpt_path=str(ckpt) if ckpt else None)
+
+    if trainer.is_global_zero:
+        from medcl.models import save_backbone
+
+        save_backbone(module.backbone, out / "backbone.pt", record)
+        merged = merge_metrics(out)
+        if merged is not None:
+            keys = [k for k in read_metrics_csv(merged) if k.startswith(("train/", "probe/")) and not k.endswith(("_anchors", "_dropped", "seconds", "chance"))]
+            plot_curves(merged, out / "loss.png", keys=keys, title=f"medcl pretrain: {cfg.method}", smooth=5)
+        summary = {
+            "method": cfg.method,
+            "steps": trainer.global_step,
+            "world_size": trainer.world_size,
+            "volumes_per_step": cfg.data.volumes_per_step * trainer.world_size,
+            **timer.summary(),
+        }
+        if probe.history:
+            summary["probe_first"] = probe.history[0]
+            summary["probe_last"] = probe.history[-1]
+        (out / "summary.json").write_text(json.dumps(summary, indent=1))
+        log.info("pretraining finished: %s", summary)
+    return out
+
+
+def _next_resume_version(out: Path) -> str:
+    k = 1
+    while (out / "logs" / f"resume-{k}").exists():
+        k += 1
+    return f"resume-{k}"
+
+
+def _prewarm(ds: Any, progress: bool) -> None:
+    """Decode and preprocess every volume once (fills the cache before workers fork)."""
+    from tqdm.auto import tqdm
+
+    for i in tqdm(range(len(ds)), desc="preparing volumes", disable=not progress, leave=False):
+        ds[i]
