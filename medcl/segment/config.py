@@ -1,0 +1,290 @@
+"""The ``medcl finetune`` config schema (YAML in ``configs/finetune/``, validated by :mod:`medcl.config`).
+
+Layout (every section optional; unknown keys fail before training with the dotted key named)::
+
+    seed: 0
+    threads: null              # torch CPU threads (null = default; 1 on a shared CPU)
+    backbone: {...}            # medcl.models.BackboneConfig; ignored (except dropout) when --init gives one
+    init:     {checkpoint, load: [encoder, bottleneck, decoder], require_encoder: true, adapt: mean}
+    optim:    {mode: full|frozen|warmup, lr, encoder_lr, warmup_steps, optimizer, schedule, weight_decay}
+    loss:     {dice_weight, ce_weight, include_background, batch_dice}
+    mixup:    {alpha, prob}
+    sampling: {patch_size, batch_size, class_ratios}
+    augment:  {flip, rot90, affine_prob, rotate_deg, scale, intensity_prob, noise_prob, noise_std}
+    data:     {plan, cache, cache_dir, ignore_label, num_classes}
+    split:    {file, labelled, combination, validation}
+    inference: {roi_size, overlap, sw_batch_size, mode, tta, mirror_axes}
+    eval:     {nsd_tolerance_mm, save_predictions}
+    trainer:  {max_steps, ckpt_every, ...}   # medcl.engine.trainer.TrainerConfig
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Any, Literal
+
+from medcl.core.errors import MedclConfigError
+from medcl.engine.trainer import TrainerConfig
+from medcl.models.backbone import BackboneConfig
+
+STAGE_GROUPS = ("encoder", "bottleneck", "decoder", "head")
+
+
+@dataclass
+class InitConfig:
+    """Where the weights come from.
+
+    Attributes:
+        checkpoint: a pretraining checkpoint (``RUN/checkpoints/last.ckpt``), a ``backbone.pt`` written by
+            :func:`medcl.models.save_backbone`, or a run folder holding one; ``None`` = random init.
+        load: stages copied from it (``encoder``, ``bottleneck``, ``decoder``; ``head`` only from a
+            segmentation model with the same classes).
+        require_encoder: refuse a checkpoint that leaves any encoder or bottleneck weight missing or
+            mismatched (a wrong architecture would otherwise silently train from scratch).
+        adapt: first-layer rule when the input channels differ (:func:`medcl.models.adapt_first_layer`).
+    """
+
+    checkpoint: str | None = None
+    load: list[str] = field(default_factory=lambda: ["encoder", "bottleneck", "decoder"])
+    require_encoder: bool = True
+    adapt: Literal["mean", "repeat"] = "mean"
+
+    def validate(self) -> None:
+        bad = [s for s in self.load if s not in STAGE_GROUPS]
+        if bad:
+            raise MedclConfigError("init.load", f"unknown stage(s) {bad}; choose from {list(STAGE_GROUPS)}")
+
+
+@dataclass
+class OptimConfig:
+    """Optimiser, learning rates and which layers train.
+
+    Attributes:
+        mode: ``full`` (everything trains), ``frozen`` (encoder + bottleneck frozen, in eval mode), or
+            ``warmup`` (frozen for ``warmup_steps`` steps, then trained with ``encoder_lr``).
+        lr: learning rate of the decoder and head (and of the encoder in ``full`` mode unless
+            ``encoder_lr`` is set).
+        encoder_lr: learning rate of encoder + bottleneck once they train; ``None`` = ``lr``.
+        warmup_steps: steps the encoder stays frozen in ``warmup`` mode.
+        optimizer: ``adamw`` or ``sgd`` (Nesterov, ``momentum``; nnU-Net's choice).
+        schedule: ``poly`` (``(1 - t / T) ** 0.9``, nnU-Net), ``cosine`` or ``constant``; the encoder's
+            schedule runs on the same global step.
+    """
+
+    mode: Literal["full", "frozen", "warmup"] = "full"
+    lr: float = 1e-3
+    encoder_lr: float | None = None
+    warmup_steps: int = 0
+    optimizer: Literal["adamw", "sgd"] = "adamw"
+    momentum: float = 0.99
+    weight_decay: float = 1e-5
+    schedule: Literal["poly", "cosine", "constant"] = "poly"
+
+    def validate(self) -> None:
+        if self.lr <= 0 or (self.encoder_lr is not None and self.encoder_lr < 0):
+            raise MedclConfigError("optim.lr", f"learning rates must be positive, got lr={self.lr}, "
+                                               f"encoder_lr={self.encoder_lr}")
+        if self.warmup_steps < 0:
+            raise MedclConfigError("optim.warmup_steps", f"must be >= 0, got {self.warmup_steps}")
+        if self.mode == "warmup" and self.warmup_steps == 0:
+            raise MedclConfigError("optim.warmup_steps", "mode 'warmup' needs warmup_steps > 0")
+
+
+@dataclass
+class LossConfig:
+    """Dice + cross-entropy (MONAI ``DiceLoss`` soft-label form + CE), nnU-Net defaults.
+
+    Attributes:
+        dice_weight, ce_weight: weights of the two terms.
+        include_background: count the background class in the Dice term.
+        batch_dice: one Dice over the whole batch per class (nnU-Net) instead of per sample.
+    """
+
+    dice_weight: float = 1.0
+    ce_weight: float = 1.0
+    include_background: bool = False
+    batch_dice: bool = True
+
+
+@dataclass
+class MixupConfig:
+    """Mixup (Zhang et al., 2018) of image patches and their one-hot labels, as Chaitanya et al. (2020) used
+    for fine-tuning: ``x = l x_i + (1 - l) x_j``, ``y = l y_i + (1 - l) y_j``, ``l ~ Beta(alpha, alpha)``.
+
+    Attributes:
+        alpha: Beta parameter; ``0`` = off.
+        prob: probability that a batch is mixed.
+    """
+
+    alpha: float = 0.0
+    prob: float = 1.0
+
+    def validate(self) -> None:
+        if self.alpha < 0 or not 0.0 <= self.prob <= 1.0:
+            raise MedclConfigError("mixup", f"need alpha >= 0 and prob in [0, 1], got {self.alpha}, {self.prob}")
+
+
+@dataclass
+class SamplingConfig:
+    """Class-balanced patch sampling.
+
+    Attributes:
+        patch_size: training patch ``(X, Y, Z)`` in preprocessed voxels; multiples of the backbone stride.
+        batch_size: patches per step.
+        class_ratios: relative frequency of patch centres per class (background first); ``None`` = every
+            class equally often (classes absent from a volume are skipped for that volume).
+    """
+
+    patch_size: tuple[int, int, int] = (32, 32, 32)
+    batch_size: int = 2
+    class_ratios: list[float] | None = None
+
+    def validate(self) -> None:
+        if min(self.patch_size) < 1 or self.batch_size < 1:
+            raise MedclConfigError("sampling", f"patch_size and batch_size must be positive, got "
+                                               f"{list(self.patch_size)}, {self.batch_size}")
+        if self.class_ratios is not None and (not self.class_ratios or min(self.class_ratios) < 0
+                                              or sum(self.class_ratios) <= 0):
+            raise MedclConfigError("sampling.class_ratios", f"need non-negative weights with a positive sum, "
+                                                            f"got {self.class_ratios}")
+
+
+@dataclass
+class AugmentConfig:
+    """Training augmentation (MONAI transforms), applied to each patch.
+
+    Attributes:
+        flip: random flips along each axis (p = 0.5 each).
+        rot90: random 90-degree rotations in the (X, Y) plane (isotropic in-plane data only).
+        affine_prob: probability of a random rotation (``rotate_deg``) and scaling (``1 +- scale``).
+        intensity_prob: probability of a random intensity scaling (``1 +- 0.1``) and shift (``+- 0.1``).
+        noise_prob, noise_std: additive Gaussian noise.
+    """
+
+    flip: bool = True
+    rot90: bool = False
+    affine_prob: float = 0.2
+    rotate_deg: float = 15.0
+    scale: float = 0.1
+    intensity_prob: float = 0.5
+    noise_prob: float = 0.1
+    noise_std: float = 0.05
+
+
+@dataclass
+class DataConfig:
+    """Dataset handling.
+
+    Attributes:
+        plan: keys of :class:`medcl.data.PreprocessingPlan` overriding the base plan (the pretraining
+            checkpoint's plan with ``--init``, else the dataset's default plan), e.g. ``{spacing: [1, 1, 1]}``.
+        cache: ``ram`` (default), ``disk`` or ``none`` (see :class:`medcl.data.CaseDataset`).
+        cache_dir: folder of the disk cache.
+        ignore_label: label value excluded from the loss (sparse annotations, nnU-Net style); ``None`` = the
+            value named ``ignore`` in the dataset's labels, if any.
+        num_classes: classes including background; ``None`` = from the dataset's declared labels.
+    """
+
+    plan: dict[str, Any] | None = None
+    cache: Literal["ram", "disk", "none"] = "ram"
+    cache_dir: str | None = None
+    ignore_label: int | None = None
+    num_classes: int | None = None
+
+
+@dataclass
+class SplitConfig:
+    """Which cases train, validate and test.
+
+    Attributes:
+        file: a label-budget split (:mod:`medcl.data.splits`); test cases are its test set.
+        labelled: ``N``, the budget to use (``--labelled``); with no file, ``N`` labelled cases are drawn
+            with the seed and there is no test set.
+        combination: which of the split's combinations of ``N``.
+        validation: how many of the ``N`` labelled volumes are held out for validation (counted *inside*
+            the label budget, reported as such); 0 = none (the default: fixed schedule, last checkpoint).
+    """
+
+    file: str | None = None
+    labelled: int | None = None
+    combination: int = 0
+    validation: int = 0
+
+    def validate(self) -> None:
+        if self.labelled is not None and self.labelled < 1:
+            raise MedclConfigError("split.labelled", f"must be >= 1, got {self.labelled}")
+        if self.validation < 0 or self.combination < 0:
+            raise MedclConfigError("split", "validation and combination must be >= 0")
+
+
+@dataclass
+class InferenceConfig:
+    """Sliding-window inference (MONAI ``sliding_window_inference``).
+
+    Attributes:
+        roi_size: window size; ``None`` = the training patch size.
+        overlap: fraction of overlap between windows.
+        sw_batch_size: windows per forward pass.
+        mode: ``gaussian`` (windows weighted towards their centre, nnU-Net) or ``constant``.
+        tta: mirror test-time augmentation: average the probabilities over every flip of ``mirror_axes``.
+        mirror_axes: spatial axes (0, 1, 2) flipped by ``tta``.
+    """
+
+    roi_size: tuple[int, int, int] | None = None
+    overlap: float = 0.5
+    sw_batch_size: int = 4
+    mode: Literal["gaussian", "constant"] = "gaussian"
+    tta: bool = False
+    mirror_axes: list[int] = field(default_factory=lambda: [0, 1, 2])
+
+    def validate(self) -> None:
+        if not 0.0 <= self.overlap < 1.0:
+            raise MedclConfigError("inference.overlap", f"must be in [0, 1), got {self.overlap}")
+        if any(a not in (0, 1, 2) for a in self.mirror_axes):
+            raise MedclConfigError("inference.mirror_axes", f"spatial axes are 0, 1, 2; got {self.mirror_axes}")
+
+
+@dataclass
+class EvalConfig:
+    """Test metrics.
+
+    Attributes:
+        nsd_tolerance_mm: tolerance of the normalised surface distance (Nikolov et al., 2021), in mm.
+        save_predictions: write each test case's prediction (original geometry) to ``OUT/predictions/``.
+    """
+
+    nsd_tolerance_mm: float = 1.0
+    save_predictions: bool = False
+
+
+def _default_trainer() -> TrainerConfig:
+    return TrainerConfig(max_steps=250, ckpt_every=50, keep_checkpoints=1, log_every=10, num_workers=0)
+
+
+@dataclass
+class FinetuneConfig:
+    """The whole fine-tuning config (see the module docstring).
+
+    ``threads``: CPU threads for torch during the run (``None`` = torch's default). On a CPU shared with
+    other jobs, 1 thread per process is often several times faster than the default (OpenMP threads wait
+    for each other whenever one is descheduled).
+    """
+
+    seed: int = 0
+    threads: int | None = None
+    backbone: BackboneConfig = field(default_factory=lambda: BackboneConfig(filters=(16, 32, 64, 128)))
+    init: InitConfig = field(default_factory=InitConfig)
+    optim: OptimConfig = field(default_factory=OptimConfig)
+    loss: LossConfig = field(default_factory=LossConfig)
+    mixup: MixupConfig = field(default_factory=MixupConfig)
+    sampling: SamplingConfig = field(default_factory=SamplingConfig)
+    augment: AugmentConfig = field(default_factory=AugmentConfig)
+    data: DataConfig = field(default_factory=DataConfig)
+    split: SplitConfig = field(default_factory=SplitConfig)
+    inference: InferenceConfig = field(default_factory=InferenceConfig)
+    eval: EvalConfig = field(default_factory=EvalConfig)
+    trainer: TrainerConfig = field(default_factory=_default_trainer)
+
+    @property
+    def roi_size(self) -> tuple[int, int, int]:
+        return tuple(self.inference.roi_size or self.sampling.patch_size)  # type: ignore[return-value]

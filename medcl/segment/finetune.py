@@ -1,0 +1,321 @@
+"""The fine-tuning job (``medcl finetune``): few labels, a fixed schedule, test in the original geometry.
+
+:func:`run_finetune` does, in ``out``:
+
+1. select the cases (:func:`medcl.segment.prepare.select_cases`) and the classes, refuse a pretraining
+   checkpoint that saw a test case (:func:`medcl.segment.init.check_leakage`), build the backbone (from the
+   checkpoint's architecture, stages ``init.load`` loaded, ``load_report.json``; or random);
+2. train for ``trainer.max_steps`` steps on class-balanced patches (:class:`medcl.segment.data.PatchStream`
+   through the resumable :class:`medcl.engine.stream.StreamLoader`); checkpoints every ``ckpt_every`` steps
+   and ``last.ckpt`` carry the run record; ``resume`` continues a killed run exactly;
+3. keep the **last** model (no model selection on labels: by default there is no validation set),
+   ``model.pt``; plot the losses (``loss.png``);
+4. if validation cases were set aside (inside the budget), their metrics go to ``validation.csv``;
+5. if the selection has test cases: predict each in its original geometry and write ``metrics.csv`` (per case
+   and class: Dice, HD95 mm, NSD), ``summary.json`` and ``summary.md``.
+
+Also written: ``config.yaml`` (resolved), ``cases.json`` (the selection), ``logs/metrics.csv``, TensorBoard.
+"""
+
+from __future__ import annotations
+
+import copy
+import json
+import os
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from medcl.config import save_config, to_dict
+from medcl.core.errors import MedclConfigError, MedclDataError
+from medcl.core.geometry import Volume, spacing_from_affine
+from medcl.core.record import RunRecord
+from medcl.data import CaseDataset, Manifest, PreprocessingPlan, load_manifest
+from medcl.segment.config import FinetuneConfig
+from medcl.segment.metrics import case_metrics, summarise, write_metrics_csv
+from medcl.segment.prepare import CaseSelection, LabelInfo, resolve_labels, resolve_plan, select_cases
+
+__all__ = ["FinetuneResult", "run_finetune", "evaluate_cases", "DONE_FILE"]
+
+DONE_FILE = "summary.json"
+
+
+@dataclass
+class FinetuneResult:
+    """What a fine-tuning run produced.
+
+    Attributes:
+        out: the run folder.
+        selection: the cases used.
+        test_rows: per test case and class metrics (``metrics.csv``).
+        validation_rows: per validation case and class metrics.
+        summary: means (``summary.json``).
+        model_path: ``out/model.pt``.
+    """
+
+    out: Path
+    selection: CaseSelection
+    test_rows: list[dict[str, Any]] = field(default_factory=list)
+    validation_rows: list[dict[str, Any]] = field(default_factory=list)
+    summary: dict[str, Any] = field(default_factory=dict)
+    model_path: Path | None = None
+
+
+def evaluate_cases(
+    fn: Callable[[torch.Tensor], torch.Tensor],
+    manifest: Manifest,
+    plan: PreprocessingPlan,
+    case_ids: list[str],
+    labels: LabelInfo,
+    cfg: FinetuneConfig,
+    device: str | torch.device = "cpu",
+    save_dir: Path | None = None,
+) -> list[dict[str, Any]]:
+    """Predict ``case_ids`` in their original geometry and score them against their labels as read.
+
+    Voxels carrying the ignore label in a reference are excluded (set to background in both maps).
+    Returns ``case_metrics`` rows with a ``case`` key.
+    """
+    from medcl.io import read_volume, write_nifti
+    from medcl.segment.predict import label_dtype, predict_item
+
+    ds = CaseDataset(labels.manifest, plan, cases=case_ids, with_label=False, cache=cfg.data.cache
+                     if cfg.data.cache != "ram" else "none", cache_dir=cfg.data.cache_dir)
+    rows: list[dict[str, Any]] = []
+    for i, cid in enumerate(case_ids):
+        item = ds[i]
+        probs = predict_item(fn, item, plan, cfg.inference, cfg.roi_size, device)
+        pred = probs.argmax(dim=0).numpy()
+        case = manifest.case(cid)
+        ref_vol = read_volume(case.label, is_label=True)
+        ref = ref_vol.array[0].astype(int)
+        if ref.shape != pred.shape:
+            raise MedclDataError(case.label, f"label shape {ref.shape} differs from the image's {pred.shape}")
+        if labels.ignore_label is not None:
+            ignored = ref == labels.ignore_label
+            ref[ignored] = 0
+            pred[ignored] = 0
+        for r in case_metrics(pred, ref, labels.num_classes, spacing_from_affine(ref_vol.affine),
+                              cfg.eval.nsd_tolerance_mm, labels.names):
+            rows.append({"case": cid, **r})
+        if save_dir is not None:
+            write_nifti(Volume(pred[None].astype(label_dtype(labels.num_classes)), ref_vol.affine),
+                        save_dir / f"{cid}.nii.gz")
+    return rows
+
+
+def _check_resume(out: Path, cfg: FinetuneConfig, resume: bool) -> Path | None:
+    from medcl.engine.trainer import last_checkpoint
+
+    last = last_checkpoint(out)
+    if last is None:
+        return None
+    if not resume:
+        raise MedclConfigError("--out", f"{out} already holds a run ({last}); pass --resume to continue it, or "
+                                        "choose another folder")
+    saved = out / "config.yaml"
+    if saved.is_file():
+        from medcl.config import read_yaml
+
+        old, new = read_yaml(saved), to_dict(cfg)
+        free = {"trainer.num_workers", "trainer.log_every", "eval.save_predictions"}
+        diffs = [k for k in _flat_diff(old, new) if k not in free]
+        if diffs:
+            raise MedclConfigError(diffs[0], f"differs from the run being resumed ({saved}); differing keys: "
+                                             f"{', '.join(diffs[:8])}")
+    return last
+
+
+def _flat_diff(a: Any, b: Any, prefix: str = "") -> list[str]:
+    if isinstance(a, dict) and isinstance(b, dict):
+        out: list[str] = []
+        for k in sorted(set(a) | set(b), key=str):
+            out += _flat_diff(a.get(k), b.get(k), f"{prefix}.{k}" if prefix else str(k))
+        return out
+    if isinstance(a, list | tuple) and isinstance(b, list | tuple):
+        a, b = list(a), list(b)
+    return [] if a == b else [prefix]
+
+
+def _write_json(obj: Any, path: Path) -> None:
+    tmp = path.with_name(f".{path.name}.tmp")
+    tmp.write_text(json.dumps(obj, indent=1, default=str))
+    os.replace(tmp, path)
+
+
+def run_finetune(
+    cfg: FinetuneConfig,
+    data: str | os.PathLike | Manifest,
+    out: str | os.PathLike,
+    *,
+    selection: CaseSelection | None = None,
+    resume: bool = False,
+    allow_test_overlap: bool = False,
+    device: str = "auto",
+    progress: bool = True,
+    log: Callable[[str], None] = print,
+    callbacks: list[Any] | None = None,
+) -> FinetuneResult:
+    """Fine-tune (see the module docstring) and return the result.
+
+    Args:
+        cfg: the config; ``cfg.init.checkpoint`` is the pretraining checkpoint (``None`` = random init).
+        data: a dataset path (anything :func:`medcl.data.load_manifest` reads) or a manifest.
+        out: the run folder.
+        selection: explicit cases (the benchmark's); default from ``cfg.split``.
+        resume: continue from ``out/checkpoints/last.ckpt``.
+        allow_test_overlap: accept a pretraining checkpoint that saw test cases.
+        device: ``auto``, ``cpu`` or ``cuda``.
+        callbacks: extra Lightning callbacks.
+    """
+    threads = torch.get_num_threads()
+    if cfg.threads:
+        torch.set_num_threads(int(cfg.threads))
+    try:
+        return _run(cfg, data, out, selection, resume, allow_test_overlap, device, progress, log, callbacks)
+    finally:
+        torch.set_num_threads(threads)
+
+
+def _run(cfg: FinetuneConfig, data: str | os.PathLike | Manifest, out: str | os.PathLike,
+         selection: CaseSelection | None, resume: bool, allow_test_overlap: bool, device: str, progress: bool,
+         log: Callable[[str], None], callbacks: list[Any] | None) -> FinetuneResult:
+    from medcl.engine.plots import plot_curves
+    from medcl.engine.seeding import seed_everything
+    from medcl.engine.trainer import make_trainer, resolve_accelerator, use_channels_last
+    from medcl.models import build_backbone, save_backbone
+    from medcl.segment.init import build_from_checkpoint, check_leakage, read_checkpoint
+
+    t0 = time.time()
+    out = Path(out)
+    cfg = copy.deepcopy(cfg)
+    manifest = data if isinstance(data, Manifest) else load_manifest(data)
+    labels = resolve_labels(manifest, cfg)
+    sel = selection if selection is not None else select_cases(manifest, cfg)
+    sel.check(manifest)
+
+    ckpt = read_checkpoint(cfg.init.checkpoint) if cfg.init.checkpoint else None
+    overlap = check_leakage(ckpt, sel.test, allow_test_overlap) if ckpt is not None else []
+    plan = resolve_plan(manifest, cfg, ckpt.plan if ckpt is not None else None, labels)
+    n_ch = len(manifest.channel_names)
+    seed_everything(cfg.seed)
+    report = None
+    if ckpt is not None:
+        net, report = build_from_checkpoint(ckpt, n_ch, labels.num_classes, cfg.init.load, cfg.init.require_encoder,
+                                            cfg.init.adapt, fallback=cfg.backbone)
+        cfg.backbone = net.config
+    else:
+        cfg.backbone.in_channels, cfg.backbone.out_channels = n_ch, labels.num_classes
+        net = build_backbone(cfg.backbone)
+    stride = net.total_stride
+    for size in (tuple(cfg.sampling.patch_size), cfg.roi_size):
+        if any(s % t for s, t in zip(size, stride)):
+            raise MedclConfigError("sampling.patch_size", f"{list(size)} is not a multiple of the backbone's "
+                                                          f"total stride {list(stride)}")
+
+    last = _check_resume(out, cfg, resume)
+    out.mkdir(parents=True, exist_ok=True)
+    save_config(cfg, out / "config.yaml")
+    _write_json(sel.to_dict(), out / "cases.json")
+    if report is not None:
+        report.to_json(out / "load_report.json")
+        log(str(report))
+    if overlap:
+        log(f"WARNING: the pretraining run saw {len(overlap)} test case(s) (--allow-test-overlap): {overlap}")
+    init_info = {"checkpoint": str(ckpt.path), "kind": ckpt.kind, "cases_seen": len(ckpt.cases_seen),
+                 "test_overlap": overlap} if ckpt is not None else None
+    record = RunRecord(kind="finetune", config={**to_dict(cfg), "init_source": init_info}, plan=plan.to_dict(),
+                       cases_seen=sel.train + sel.validation, test_cases=list(sel.test)).to_dict()
+
+    # ---- train ----------------------------------------------------------------------------------------
+    from medcl.engine.stream import StreamLoader, StreamSampler
+    from medcl.segment.data import PatchStream, build_augmentation
+    from medcl.segment.module import SegmentationModule
+
+    accelerator = resolve_accelerator(device)
+    module = SegmentationModule(net, cfg, labels.num_classes, labels.ignore_label, record,
+                                channels_last=use_channels_last(cfg.trainer, accelerator))
+    trainer = make_trainer(cfg.trainer, out, device=device, callbacks=callbacks, enable_progress_bar=progress)
+    # the patch stream keeps its prepared volumes in RAM itself; a disk cache still saves decoding across runs
+    train_cases = CaseDataset(labels.manifest, plan, cases=sel.train, with_label=True,
+                              cache="none" if cfg.data.cache == "ram" else cfg.data.cache, cache_dir=cfg.data.cache_dir)
+    stream = PatchStream(train_cases, labels.num_classes, cfg.sampling.patch_size, cfg.seed,
+                         cfg.sampling.class_ratios, build_augmentation(cfg.augment), labels.ignore_label)
+    sampler = StreamSampler(cfg.sampling.batch_size, cfg.trainer.max_steps * cfg.trainer.accumulate,
+                            world_size=trainer.world_size, rank=trainer.global_rank)
+    loader = StreamLoader(stream, sampler, num_workers=cfg.trainer.num_workers,
+                          persistent_workers=cfg.trainer.num_workers > 0)
+    loader.bind(lambda: trainer.global_step * cfg.trainer.accumulate)
+    log(f"fine-tuning on {len(sel.train)} labelled volume(s)"
+        + (f" (+{len(sel.validation)} for validation, inside the budget)" if sel.validation else "")
+        + f", {labels.num_classes} classes, {cfg.trainer.max_steps} steps, init "
+        + (f"{ckpt.path} ({ckpt.kind})" if ckpt else "random") + f", mode {cfg.optim.mode}")
+    trainer.fit(module, train_dataloaders=loader, ckpt_path=str(last) if last is not None else None)
+    if trainer.global_step < cfg.trainer.max_steps:
+        raise MedclDataError(out, f"training stopped at step {trainer.global_step} of {cfg.trainer.max_steps}")
+
+    net = module.backbone.to(memory_format=torch.contiguous_format).eval()
+    model_path = out / "model.pt"
+    if not trainer.is_global_zero:  # DDP: rank 0 saves and evaluates
+        return FinetuneResult(out, sel, model_path=model_path)
+    save_backbone(net, model_path, record=record)
+    metrics_csv = out / "logs" / "metrics.csv"
+    if metrics_csv.is_file():
+        plot_curves(metrics_csv, out / "loss.png", title=f"fine-tuning {out.name}")
+
+    # ---- evaluate -------------------------------------------------------------------------------------
+    from medcl.segment.inference import logits_fn
+
+    dev = torch.device("cuda" if accelerator == "gpu" else "cpu")
+    net.to(dev)
+    fn = logits_fn(net)
+    result = FinetuneResult(out, sel, model_path=model_path)
+    summary: dict[str, Any] = {"status": "done", "steps": int(trainer.global_step), "budget": sel.budget,
+                               "combination": sel.combination, "n_train": len(sel.train),
+                               "n_validation": len(sel.validation), "n_test": len(sel.test),
+                               "validation_inside_budget": bool(sel.validation),
+                               "init": init_info, "seed": cfg.seed, "lr": cfg.optim.lr, "mode": cfg.optim.mode}
+    if sel.validation:
+        result.validation_rows = evaluate_cases(fn, manifest, plan, sel.validation, labels, cfg, dev)
+        write_metrics_csv(result.validation_rows, out / "validation.csv")
+        summary["validation"] = summarise(result.validation_rows)
+    if sel.test:
+        save_dir = out / "predictions" if cfg.eval.save_predictions else None
+        result.test_rows = evaluate_cases(fn, manifest, plan, sel.test, labels, cfg, dev, save_dir)
+        write_metrics_csv(result.test_rows, out / "metrics.csv")
+        summary["test"] = summarise(result.test_rows)
+    summary["seconds"] = round(time.time() - t0, 1)
+    result.summary = summary
+    _write_json(summary, out / DONE_FILE)
+    (out / "summary.md").write_text(_summary_md(summary, labels))
+    if "test" in summary:
+        t = summary["test"]
+        log(f"test: Dice {t['dice_mean']:.3f} +- {t['dice_std']:.3f}, HD95 {t['hd95_mean']:.2f} mm, "
+            f"NSD {t['nsd_mean']:.3f} over {t['n_cases']} case(s) -> {out / 'metrics.csv'}")
+    return result
+
+
+def _summary_md(summary: dict[str, Any], labels: LabelInfo) -> str:
+    lines = ["# Fine-tuning summary\n",
+             f"- labelled volumes: {summary['n_train'] + summary['n_validation']} (budget {summary['budget']}); "
+             f"trained on {summary['n_train']}, validation {summary['n_validation']}"
+             + (" (inside the label budget)" if summary["n_validation"] else " (none: fixed schedule, last model)"),
+             f"- steps: {summary['steps']}, lr {summary['lr']}, mode {summary['mode']}, seed {summary['seed']}",
+             f"- init: {summary['init']['checkpoint'] if summary['init'] else 'random'}", ""]
+    for part in ("validation", "test"):
+        if part not in summary:
+            continue
+        s = summary[part]
+        lines += [f"## {part} ({s['n_cases']} cases)", "", "| class | Dice | HD95 (mm) | NSD |", "|---|---|---|---|"]
+        for k in range(1, labels.num_classes):
+            n = labels.names[k]
+            lines.append(f"| {n} | {s.get(f'dice_{n}', float('nan')):.3f} | {s.get(f'hd95_{n}', float('nan')):.2f} "
+                         f"| {s.get(f'nsd_{n}', float('nan')):.3f} |")
+        lines.append(f"| **mean** | {s['dice_mean']:.3f} +- {s['dice_std']:.3f} | {s['hd95_mean']:.2f} "
+                     f"| {s['nsd_mean']:.3f} |")
+        lines.append("")
+    return "\n".join(lines)

@@ -1,0 +1,150 @@
+"""Initialising a segmentation network from a pretraining checkpoint, and the test-leakage guard.
+
+A pretraining run of medcl leaves ``RUN/checkpoints/last.ckpt`` (Lightning: backbone weights under
+``backbone.``, heads elsewhere, ``medcl_record`` = the run record) and ``RUN/backbone.pt``
+(:func:`medcl.models.save_backbone`). :func:`read_checkpoint` accepts either file or the run folder, and
+:func:`build_from_checkpoint` rebuilds the *same* backbone (from ``backbone_config`` or the record's
+``config.backbone`` section) with a segmentation head of ``num_classes`` and loads the chosen stages,
+returning the :class:`medcl.models.LoadReport`.
+
+The guard (DESIGN.md, idea 5): a pretraining run whose ``cases_seen`` includes a test case has seen the test
+images, so its test score is not a fair few-label result. :func:`check_leakage` refuses it, naming the cases.
+"""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Mapping
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from medcl.config import from_dict, to_dict
+from medcl.core.errors import MedclConfigError, MedclDataError
+from medcl.models import Backbone, BackboneConfig, LoadReport, build_backbone, load_backbone
+
+__all__ = ["InitCheckpoint", "resolve_checkpoint", "read_checkpoint", "check_leakage", "build_from_checkpoint"]
+
+_RUN_FILES = ("backbone.pt", "model.pt", "checkpoints/last.ckpt")
+
+
+@dataclass
+class InitCheckpoint:
+    """A checkpoint read once: its path, contents, run record (plain dict or ``None``) and backbone config."""
+
+    path: Path
+    contents: Mapping[str, Any]
+    record: dict[str, Any] | None
+    backbone: dict[str, Any] | None
+
+    @property
+    def plan(self) -> dict[str, Any] | None:
+        plan = (self.record or {}).get("plan")
+        return dict(plan) if isinstance(plan, Mapping) and plan else None
+
+    @property
+    def cases_seen(self) -> list[str]:
+        return [str(c) for c in (self.record or {}).get("cases_seen", []) or []]
+
+    @property
+    def kind(self) -> str:
+        return str((self.record or {}).get("kind", "unknown"))
+
+
+def resolve_checkpoint(path: str | os.PathLike) -> Path:
+    """A checkpoint file, or the first of ``backbone.pt``, ``model.pt``, ``checkpoints/last.ckpt`` in a run folder."""
+    p = Path(path)
+    if p.is_dir():
+        for name in _RUN_FILES:
+            if (p / name).is_file():
+                return p / name
+        raise MedclDataError(p, f"run folder holds no checkpoint ({', '.join(_RUN_FILES)})")
+    if not p.is_file():
+        raise MedclDataError(p, "checkpoint does not exist")
+    return p
+
+
+def read_checkpoint(path: str | os.PathLike) -> InitCheckpoint:
+    """Read a medcl checkpoint (weights-only) and find its run record and backbone config."""
+    from medcl.engine.checkpoint import safe_torch_load
+
+    p = resolve_checkpoint(path)
+    obj = safe_torch_load(p)
+    if not isinstance(obj, Mapping):
+        raise MedclDataError(p, f"expected a checkpoint dict, got {type(obj).__name__}")
+    record = obj.get("medcl_record") if isinstance(obj.get("medcl_record"), Mapping) else None
+    backbone = obj.get("backbone_config") if isinstance(obj.get("backbone_config"), Mapping) else None
+    if backbone is None and record is not None:
+        section = (record.get("config") or {}).get("backbone")
+        backbone = section if isinstance(section, Mapping) else None
+    return InitCheckpoint(p, obj, dict(record) if record is not None else None,
+                          dict(backbone) if backbone is not None else None)
+
+
+def check_leakage(ckpt: InitCheckpoint, test_ids: list[str], allow: bool = False) -> list[str]:
+    """Refuse a checkpoint whose run saw test cases.
+
+    Returns:
+        The overlapping case ids (empty when none; non-empty only when ``allow``).
+
+    Raises:
+        MedclDataError: naming the checkpoint and the overlapping ids, unless ``allow``.
+    """
+    overlap = sorted(set(ckpt.cases_seen) & set(test_ids))
+    if overlap and not allow:
+        shown = ", ".join(overlap[:20]) + (f" ... ({len(overlap)} in all)" if len(overlap) > 20 else "")
+        raise MedclDataError(
+            ckpt.path,
+            f"this {ckpt.kind} checkpoint was trained on {len(overlap)} of the test cases ({shown}); its test "
+            "score would not be a fair few-label result. Pretrain without them, choose another test set, or pass "
+            "--allow-test-overlap if you know what you are doing",
+        )
+    return overlap
+
+
+def build_from_checkpoint(
+    ckpt: InitCheckpoint,
+    in_channels: int,
+    num_classes: int,
+    load: list[str],
+    require_encoder: bool = True,
+    adapt: str = "mean",
+    fallback: BackboneConfig | None = None,
+) -> tuple[Backbone, LoadReport]:
+    """The checkpoint's backbone with ``in_channels`` inputs and a ``num_classes`` head, stages ``load`` loaded.
+
+    Args:
+        ckpt: from :func:`read_checkpoint`.
+        in_channels, num_classes: of the fine-tuning data (the first layer is adapted if channels differ).
+        load: stage groups to copy (``encoder``, ``bottleneck``, ``decoder``, ``head``).
+        require_encoder: raise if any encoder/bottleneck weight is missing or mismatched.
+        adapt: first-layer rule.
+        fallback: the architecture to assume when the checkpoint describes none (a plain state dict).
+
+    Raises:
+        MedclDataError: no architecture known, or (``require_encoder``) the encoder did not load completely.
+    """
+    if ckpt.backbone is None and fallback is None:
+        raise MedclDataError(ckpt.path, "the checkpoint names no backbone architecture (no 'backbone_config' and no "
+                                        "backbone section in its run record)")
+    base = dict(ckpt.backbone) if ckpt.backbone is not None else to_dict(fallback)
+    base.update(in_channels=int(in_channels), out_channels=int(num_classes))
+    try:
+        cfg = from_dict(BackboneConfig, base, prefix="backbone")
+    except MedclConfigError as exc:
+        raise MedclDataError(ckpt.path, f"its backbone config is not valid here: {exc}") from exc
+    net = build_backbone(cfg)
+    report = load_backbone(net, ckpt.contents, prefixes=list(load), adapt=adapt)  # type: ignore[arg-type]
+    report.source = str(ckpt.path)
+    if require_encoder:
+        enc = ("encoder", "bottleneck")
+        missing = report.missing_in(enc)
+        mism = [m["key"] for m in report.mismatched if m["key"].split(".")[0] in enc]
+        if missing or mism:
+            raise MedclDataError(
+                ckpt.path,
+                f"the encoder did not load completely ({len(missing)} missing, {len(mism)} mismatched, e.g. "
+                f"{(missing + mism)[0]}): is it a checkpoint of another architecture? Set init.require_encoder=false "
+                f"to fine-tune anyway.\n{report}",
+            )
+    return net, report

@@ -1,0 +1,143 @@
+"""The fine-tuning LightningModule: a backbone with a segmentation head, Dice + CE, three training modes.
+
+Modes (``optim.mode``):
+
+* ``full`` -- every stage trains (encoder + bottleneck at ``encoder_lr``, default ``lr``);
+* ``frozen`` -- encoder + bottleneck are frozen and kept in eval mode (a linear-probe-like transfer test);
+* ``warmup`` -- frozen for ``warmup_steps`` steps so the new decoder/head adapt first, then released with
+  their own learning rate ``encoder_lr`` (a common remedy for pretrained features being destroyed by the
+  large early gradients of a random head).
+
+The optimiser has two parameter groups, ``encoder`` (encoder + bottleneck) and ``decoder`` (decoder +
+head), each scheduled on the global step, so a resumed run continues the same schedule. The run record
+(:class:`medcl.core.record.RunRecord`, plain dict) is written into every checkpoint as
+``checkpoint["medcl_record"]``, with the backbone config as ``checkpoint["backbone_config"]``.
+"""
+
+from __future__ import annotations
+
+import math
+from typing import Any
+
+import lightning as L
+import numpy as np
+import torch
+
+from medcl.config import to_dict
+from medcl.engine.seeding import sample_seed
+from medcl.models import Backbone
+from medcl.segment.config import FinetuneConfig
+from medcl.segment.loss import MaskedDiceCELoss, mixup, one_hot_with_ignore
+
+ENCODER_STAGES = ("encoder", "bottleneck")
+
+
+def schedule_factor(kind: str, step: int, total: int) -> float:
+    """Learning-rate multiplier at ``step`` of ``total``: ``poly`` (1 - t/T)^0.9, ``cosine`` or ``constant``."""
+    t = min(max(step, 0), total) / max(total, 1)
+    if kind == "poly":
+        return (1.0 - t) ** 0.9
+    if kind == "cosine":
+        return 0.5 * (1.0 + math.cos(math.pi * t))
+    return 1.0
+
+
+class SegmentationModule(L.LightningModule):
+    """Trains ``backbone`` (a :class:`medcl.models.Backbone` with a head of ``num_classes``).
+
+    Args:
+        backbone: the network; its logits are ``[B, K, *P]`` for a ``[B, C, *P]`` patch.
+        cfg: the fine-tuning config (optim, loss, mixup, trainer sections are used).
+        num_classes: ``K`` including background.
+        ignore_label: label value excluded from the loss, or ``None``.
+        record: the run record (plain dict) stored in every checkpoint.
+        channels_last: use the channels-last-3d memory format (faster convolutions on CPU and GPU).
+
+    Batch: ``{"image": [B, C, *P] float32, "label": [B, 1, *P] int64}``.
+    """
+
+    def __init__(self, backbone: Backbone, cfg: FinetuneConfig, num_classes: int, ignore_label: int | None,
+                 record: dict[str, Any], channels_last: bool = False) -> None:
+        super().__init__()
+        self.backbone = backbone
+        self.cfg, self.k, self.ignore_label = cfg, int(num_classes), ignore_label
+        self.record = record
+        self.channels_last = channels_last
+        lc = cfg.loss
+        self.loss_fn = MaskedDiceCELoss(include_background=lc.include_background, batch_dice=lc.batch_dice,
+                                        dice_weight=lc.dice_weight, ce_weight=lc.ce_weight)
+        self._encoder_frozen: bool | None = None
+
+    # ---- which layers train -------------------------------------------------------------------------
+    def encoder_parameters(self) -> list[torch.nn.Parameter]:
+        return [p for n, p in self.backbone.named_parameters() if n.split(".")[0] in ENCODER_STAGES]
+
+    def decoder_parameters(self) -> list[torch.nn.Parameter]:
+        return [p for n, p in self.backbone.named_parameters() if n.split(".")[0] not in ENCODER_STAGES]
+
+    def encoder_frozen_at(self, step: int) -> bool:
+        mode = self.cfg.optim.mode
+        return mode == "frozen" or (mode == "warmup" and step < self.cfg.optim.warmup_steps)
+
+    def _apply_freeze(self, frozen: bool) -> None:
+        if frozen != self._encoder_frozen:
+            for p in self.encoder_parameters():
+                p.requires_grad_(not frozen)
+            self._encoder_frozen = frozen
+        if frozen:  # Lightning puts the model in train mode each epoch: keep the frozen stages in eval
+            for name in ENCODER_STAGES:
+                getattr(self.backbone, name).eval()
+
+    def on_fit_start(self) -> None:
+        if self.channels_last:
+            self.backbone.to(memory_format=torch.channels_last_3d)
+        self._apply_freeze(self.encoder_frozen_at(self.global_step))
+
+    def on_train_batch_start(self, batch: Any, batch_idx: int) -> None:
+        self._apply_freeze(self.encoder_frozen_at(self.global_step))
+
+    # ---- optimisation -------------------------------------------------------------------------------
+    def configure_optimizers(self) -> dict[str, Any]:
+        o = self.cfg.optim
+        enc_lr = o.lr if o.encoder_lr is None else o.encoder_lr
+        groups = [{"params": self.decoder_parameters(), "lr": o.lr, "name": "decoder"}]
+        if o.mode != "frozen":
+            groups.append({"params": self.encoder_parameters(), "lr": enc_lr, "name": "encoder"})
+        if o.optimizer == "sgd":
+            opt = torch.optim.SGD(groups, lr=o.lr, momentum=o.momentum, nesterov=True, weight_decay=o.weight_decay)
+        else:
+            opt = torch.optim.AdamW(groups, lr=o.lr, weight_decay=o.weight_decay)
+        total = self.cfg.trainer.max_steps
+
+        def dec(step: int) -> float:
+            return schedule_factor(o.schedule, step, total)
+
+        def enc(step: int) -> float:
+            return 0.0 if self.encoder_frozen_at(step) else schedule_factor(o.schedule, step, total)
+
+        lambdas = [dec] + ([enc] if o.mode != "frozen" else [])
+        sched = torch.optim.lr_scheduler.LambdaLR(opt, lr_lambda=lambdas)
+        return {"optimizer": opt, "lr_scheduler": {"scheduler": sched, "interval": "step", "frequency": 1}}
+
+    # ---- training -----------------------------------------------------------------------------------
+    def training_step(self, batch: dict[str, torch.Tensor], batch_idx: int) -> torch.Tensor:
+        x, y = batch["image"], batch["label"]
+        target, valid = one_hot_with_ignore(y, self.k, self.ignore_label)
+        m = self.cfg.mixup
+        if m.alpha > 0 and x.shape[0] > 1:
+            rng = np.random.default_rng(sample_seed(self.cfg.seed, 0, int(self.global_step), "mixup"))
+            if rng.random() < m.prob:
+                x, target, valid = mixup(x, target, valid, rng, m.alpha)
+        if self.channels_last:
+            x = x.contiguous(memory_format=torch.channels_last_3d)
+        logits = self.backbone(x).logits
+        loss, dice, ce = self.loss_fn(logits, target, valid)
+        bs = x.shape[0]
+        self.log("train/loss", loss, prog_bar=True, batch_size=bs)
+        self.log("train/dice_loss", dice, batch_size=bs)
+        self.log("train/ce", ce, batch_size=bs)
+        return loss
+
+    def on_save_checkpoint(self, checkpoint: dict[str, Any]) -> None:
+        checkpoint["medcl_record"] = self.record
+        checkpoint["backbone_config"] = to_dict(self.backbone.config)

@@ -1,0 +1,159 @@
+"""Prediction in the input's own geometry: what ``medcl predict`` and the test evaluation run.
+
+For each input volume: the checkpoint's preprocessing plan (from its run record) prepares it exactly as in
+training; sliding-window inference gives class probabilities on the preprocessed grid; MONAI's inverse of
+the plan (:func:`medcl.data.invert_to_original`) resamples the *probabilities* back onto the original
+voxel grid (linear; the foreground crop undone, outside it background), and only then the argmax is taken.
+The written label map has the input's shape and affine (for a DICOM series: the series' own grid in RAS).
+"""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+
+from medcl.config import from_dict
+from medcl.core.errors import MedclDataError
+from medcl.core.geometry import Volume
+from medcl.core.record import RunRecord
+from medcl.data import PreprocessingPlan, invert_to_original
+from medcl.data.transforms import volume_to_metatensor
+from medcl.models import Backbone, BackboneConfig, build_backbone, load_backbone
+from medcl.segment.config import InferenceConfig
+from medcl.segment.inference import LogitsFn, logits_fn, predict_probabilities
+from medcl.segment.init import read_checkpoint
+
+__all__ = ["SegmentationModel", "load_model", "predict_item", "predict_volume", "predict_to_folder", "label_dtype"]
+
+
+@dataclass
+class SegmentationModel:
+    """A fine-tuned network with everything prediction needs.
+
+    Attributes:
+        backbone: the network (eval mode), head of ``num_classes``.
+        plan: the preprocessing plan it was trained with.
+        inference: sliding-window settings of the run.
+        roi_size: the window (the training patch unless ``inference.roi_size``).
+        num_classes, class_names: the classes.
+        record: the run record (plain dict).
+        path: the checkpoint read.
+    """
+
+    backbone: Backbone
+    plan: PreprocessingPlan
+    inference: InferenceConfig
+    roi_size: tuple[int, int, int]
+    num_classes: int
+    class_names: dict[int, str]
+    record: dict[str, Any]
+    path: Path
+
+
+def load_model(path: str | os.PathLike, device: str | torch.device = "cpu") -> SegmentationModel:
+    """Read a fine-tuning checkpoint (``model.pt``, a Lightning ``.ckpt`` of ``medcl finetune``, or its run folder).
+
+    Raises:
+        MedclDataError: not a fine-tuned segmentation model (e.g. a pretraining checkpoint), no run record,
+            or weights that do not fill the network.
+    """
+    ckpt = read_checkpoint(path)
+    if ckpt.record is None:
+        raise MedclDataError(ckpt.path, "no run record (medcl_record) in this checkpoint: prediction needs the "
+                                        "preprocessing plan it stores")
+    record = RunRecord.from_dict(ckpt.record, str(ckpt.path)).to_dict()
+    if record["kind"] != "finetune":
+        raise MedclDataError(ckpt.path, f"this is a '{record['kind']}' checkpoint, not a fine-tuned segmentation "
+                                        "model; fine-tune it first (medcl finetune --init ...)")
+    if ckpt.backbone is None or not ckpt.backbone.get("out_channels"):
+        raise MedclDataError(ckpt.path, "the checkpoint's backbone has no segmentation head")
+    cfg = from_dict(BackboneConfig, dict(ckpt.backbone), prefix="backbone")
+    net = build_backbone(cfg)
+    report = load_backbone(net, ckpt.contents, adapt=None)
+    if report.missing or report.mismatched:
+        raise MedclDataError(ckpt.path, f"the weights do not fill the network:\n{report}")
+    conf = record.get("config") or {}
+    inf = from_dict(InferenceConfig, dict(conf.get("inference") or {}), prefix="inference")
+    patch = tuple(int(v) for v in ((conf.get("sampling") or {}).get("patch_size") or (32, 32, 32)))
+    roi = tuple(int(v) for v in (inf.roi_size or patch))
+    plan = PreprocessingPlan.from_dict(record["plan"])
+    k = int(cfg.out_channels or 0)
+    names = {i: (plan.labels or {}).get(i, str(i)) for i in range(k)}
+    net.eval().to(device)
+    return SegmentationModel(net, plan, inf, roi, k, names, record, ckpt.path)  # type: ignore[arg-type]
+
+
+def predict_item(fn: LogitsFn, item: Mapping[str, Any], plan: PreprocessingPlan, inference: InferenceConfig,
+                 roi_size: tuple[int, int, int], device: str | torch.device = "cpu") -> torch.Tensor:
+    """Probabilities ``[K, X, Y, Z]`` on the *original* grid of a preprocessed item (``CaseDataset`` item or
+    :func:`predict_volume`'s), float32 on the CPU; outside the crop all classes are 0 (argmax: background)."""
+    probs = predict_probabilities(fn, item["image"], inference, roi_size, device)
+    back = invert_to_original(probs, item, plan)
+    out = back.as_tensor() if hasattr(back, "as_tensor") else back
+    shape = tuple(int(s) for s in item["image"].meta["spatial_shape"])
+    if tuple(out.shape[1:]) != shape:
+        raise MedclDataError(item["image"].meta.get("filename_or_obj"),
+                             f"inverted prediction has shape {tuple(out.shape[1:])}, the input {shape}")
+    return out.float()
+
+
+def predict_volume(fn: LogitsFn, image: Volume, plan: PreprocessingPlan, inference: InferenceConfig,
+                   roi_size: tuple[int, int, int], device: str | torch.device = "cpu") -> torch.Tensor:
+    """Probabilities ``[K, X, Y, Z]`` on ``image``'s own grid (see :func:`predict_item`)."""
+    item = plan.transforms(("image",), load=False)({"image": volume_to_metatensor(image)})
+    return predict_item(fn, item, plan, inference, roi_size, device)
+
+
+def label_dtype(num_classes: int) -> np.dtype:
+    return np.dtype(np.uint8) if num_classes <= 256 else np.dtype(np.int16)
+
+
+def predict_to_folder(
+    model: SegmentationModel,
+    source: str | os.PathLike,
+    output: str | os.PathLike,
+    *,
+    tta: bool | None = None,
+    probabilities: bool = False,
+    device: str | torch.device = "cpu",
+    log: Callable[[str], None] = print,
+) -> list[Path]:
+    """Predict every volume of ``source`` (a file, a folder of volumes, a DICOM series folder or a dataset)
+    into ``output/{case_id}.nii.gz`` (and ``{case_id}_probabilities.nii.gz``, ``[X, Y, Z, K]`` float32, when
+    ``probabilities``). Returns the label files written."""
+    import dataclasses
+
+    from medcl.data import load_case, load_manifest
+    from medcl.io import write_nifti
+
+    manifest = load_manifest(source)
+    # the input's channels must match the model's; declared labels of a dataset are irrelevant here
+    manifest = dataclasses.replace(manifest, labels=None)
+    inference = model.inference if tta is None else dataclasses.replace(model.inference, tta=bool(tta))
+    fn = logits_fn(model.backbone)
+    out_dir = Path(output)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    written = []
+    for i, case in enumerate(manifest.cases):
+        image, _ = load_case(case, manifest, with_label=False)
+        if image.channels != model.backbone.in_channels:
+            raise MedclDataError(image.path, f"has {image.channels} channel(s), the model expects "
+                                             f"{model.backbone.in_channels}")
+        probs = predict_volume(fn, image, model.plan, inference, model.roi_size, device)
+        labels = probs.argmax(dim=0).numpy().astype(label_dtype(model.num_classes))
+        path = out_dir / f"{case.id}.nii.gz"
+        write_nifti(Volume(labels[None], image.affine, str(path), {}), path)
+        if probabilities:
+            write_nifti(Volume(probs.numpy().astype(np.float32), image.affine, "", {}),
+                        out_dir / f"{case.id}_probabilities.nii.gz")
+        written.append(path)
+        found = ", ".join(f"{model.class_names[k]} {int((labels == k).sum())}" for k in range(1, model.num_classes))
+        log(f"[{i + 1}/{len(manifest.cases)}] {case.id}: {'x'.join(map(str, labels.shape))} voxels -> {path} "
+            f"({found} voxels)")
+    return written
