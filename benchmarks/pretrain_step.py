@@ -58,7 +58,6 @@ def run_method(method: str, data: Path, args: argparse.Namespace) -> dict[str, A
     import lightning as L
 
     from medcl.data import CaseDataset, load_manifest
-    from medcl.engine.stream import StreamLoader, StreamSampler
     from medcl.engine.trainer import TrainerConfig, make_trainer, resolve_accelerator, use_channels_last
     from medcl.pretrain.data import PretrainStream, collate_views
     from medcl.pretrain.module import PretrainModule
@@ -99,22 +98,10 @@ def run_method(method: str, data: Path, args: argparse.Namespace) -> dict[str, A
         timer = _StepTimer()
         with tempfile.TemporaryDirectory() as tmp:
             trainer = make_trainer(tcfg, tmp, args.device, callbacks=[timer.callback], enable_progress_bar=False)
-
-            class DM(L.LightningDataModule):
-                def train_dataloader(self_inner):
-                    sampler = StreamSampler(cfg.data.volumes_per_step, args.steps, trainer.world_size, trainer.global_rank)
-                    if mode == "in_memory":
-                        batch = collate_views([stream[i] for i in range(cfg.data.volumes_per_step)])
-                        return StreamLoader(Fixed(batch), sampler, collate_fn=lambda items: items[0], num_workers=0)
-                    w = args.workers
-                    return StreamLoader(
-                        stream, sampler, collate_fn=collate_views, num_workers=w, persistent_workers=w > 0,
-                        pin_memory=accel == "gpu", prefetch_factor=4 if w > 0 else None,
-                    )
-
             if accel == "gpu":
                 torch.cuda.reset_peak_memory_stats()
-            trainer.fit(module, datamodule=DM())
+            trainer.fit(module, datamodule=_datamodule(mode, trainer, cfg, stream, args, accel, Fixed))
+
         t = timer.times[max(1, len(timer.times) // 5):]  # drop warm-up (first fifth)
         med = sorted(t)[len(t) // 2]
         batch = collate_views([stream[i] for i in range(cfg.data.volumes_per_step)])
@@ -130,6 +117,28 @@ def run_method(method: str, data: Path, args: argparse.Namespace) -> dict[str, A
         results["tflop_per_step"] = count_step_flops(cfg, stream, accel) / 1e12
         results["mfu"] = results["tflop_per_step"] / results["in_memory"]["step_s"] / args.peak_tflops
     return results
+
+
+def _datamodule(mode: str, trainer: Any, cfg: Any, stream: Any, args: argparse.Namespace, accel: str, fixed: type):
+    """The stream (``pipeline``) or one pre-sampled batch served forever (``in_memory``)."""
+    import lightning as L
+
+    from medcl.engine.stream import StreamLoader, StreamSampler
+    from medcl.pretrain.data import collate_views
+
+    class DM(L.LightningDataModule):
+        def train_dataloader(self):
+            sampler = StreamSampler(cfg.data.volumes_per_step, args.steps, trainer.world_size, trainer.global_rank)
+            if mode == "in_memory":
+                batch = collate_views([stream[i] for i in range(cfg.data.volumes_per_step)])
+                return StreamLoader(fixed(batch), sampler, collate_fn=lambda items: items[0], num_workers=0)
+            w = args.workers
+            return StreamLoader(
+                stream, sampler, collate_fn=collate_views, num_workers=w, persistent_workers=w > 0,
+                pin_memory=accel == "gpu", prefetch_factor=4 if w > 0 else None,
+            )
+
+    return DM()
 
 
 def count_step_flops(cfg, stream, accel: str) -> float:

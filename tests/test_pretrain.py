@@ -55,7 +55,7 @@ def _crop_overrides(cfg_path: Path) -> list[str]:
 
 @pytest.fixture(scope="module")
 def phantoms(tmp_path_factory) -> Path:
-    return write_phantom_dataset(tmp_path_factory.mktemp("ph") / "ph", n=12, size=32, seed=0)
+    return write_phantom_dataset(tmp_path_factory.mktemp("ph") / "ph", n=16, size=32, seed=0)
 
 
 def _metrics(run: Path) -> list[dict[str, str]]:
@@ -101,13 +101,19 @@ def test_every_method_runs_and_moves_the_weights(method, phantoms, tmp_path):
 
 
 def test_gd_learns_where_crops_come_from(phantoms, tmp_path):
-    """After a short G^D run the partition k-NN probe on held-back volumes beats chance and random init."""
+    """After a short G^D run the partition k-NN probe on held-back volumes beats chance and random init.
+
+    Step 0 of the probe is the random initialisation. SupCon's denominator (all positives of an anchor in
+    it) makes the encoder itself move faster than the per-pair form within these few steps; the strategy
+    (positives = same partition in any volume) is G^D either way.
+    """
     ov = [o for o in TINY if not o.startswith(("data.probe_volumes", "monitor.probe_every"))]
-    ov += ["data.probe_volumes=3", "monitor.probe_every=80", "monitor.knn_k=5", "views.partition.crop=[16,16,16]",
-           "data.volumes_per_step=4", "optim.lr=3e-3", "optim.warmup_steps=5"]
-    run = run_pretrain(CONFIGS / "gd.yaml", phantoms, tmp_path / "gd", overrides=ov, max_steps=80, progress=False)
+    ov += ["data.probe_volumes=4", "monitor.probe_every=120", "monitor.knn_k=5", "views.partition.crop=[16,16,16]",
+           "data.volumes_per_step=4", "optim.lr=3e-3", "optim.warmup_steps=5", "terms.global.mode=supcon",
+           "trainer.precision=32"]
+    run = run_pretrain(CONFIGS / "gd.yaml", phantoms, tmp_path / "gd", overrides=ov, max_steps=120, progress=False)
     summary = json.loads((run / "summary.json").read_text())
-    first, last = summary["probe_first"], summary["probe_last"]  # step 0 is the random initialisation
+    first, last = summary["probe_first"], summary["probe_last"]
     chance = first["probe/chance"]
     assert last["probe/knn_partition"] >= chance + 0.4, summary
     assert last["probe/knn_partition"] >= first["probe/knn_partition"] + 0.1, summary
@@ -175,7 +181,11 @@ def _free_port() -> int:
 
 def test_two_process_ddp_matches_one_process(phantoms, tmp_path):
     """Two ranks x 2 volumes == one process x 4 volumes: same loss per step, same weights after 3 steps."""
-    base = [o for o in TINY if not o.startswith("data.volumes_per_step")] + ["views.partition.crop=[16,16,16]"]
+    # fp32: the comparison is about the engine (sampling, gathering, gradient averaging), not bf16 rounding
+    base = [o for o in TINY if not o.startswith("data.volumes_per_step")] + [
+        "views.partition.crop=[16,16,16]",
+        "trainer.precision=32",
+    ]
     single = run_pretrain(
         CONFIGS / "gd.yaml", phantoms, tmp_path / "single", overrides=base + ["data.volumes_per_step=4"], max_steps=3,
         progress=False, device="cpu",
