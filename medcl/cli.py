@@ -13,6 +13,11 @@ from medcl.core.errors import MedclError
 # Modules exposing ``register(subparsers)``; each adds one top-level subcommand.
 _JOB_MODULES = [
     "medcl.data.cli",
+    "medcl.pretrain.cli",
+    "medcl.mil.cli",
+    "medcl.segment.cli",
+    "medcl.report.cli",
+    "medcl.demo",
 ]
 
 

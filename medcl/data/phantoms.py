@@ -14,7 +14,10 @@ Chaitanya et al., 2020):
 * an unlabelled spine posterior to the organs, with vertebrae and discs alternating along z;
 * label 1 ``liver``: a large lobe in the upper part (z ~ +34 mm), with vessel-like texture;
 * label 2 ``kidneys``: a left/right pair at mid height (z ~ 0), cortex brighter than medulla;
-* label 3 ``bladder``: a fluid-filled organ in the lower part (z ~ -36 mm).
+* label 3 ``bladder``: a fluid-filled organ in the lower part (z ~ -36 mm);
+* unlabelled look-alikes, as in real anatomy: a spleen with liver-like tissue (upper left, posterior), a
+  fluid-filled stomach (upper left) and bowel loops (mid-lower abdomen) that look like the bladder, so that
+  telling an organ from its look-alike needs context (where in the body it is), not intensity alone.
 
 Per-subject variation: body size, global position, organ position jitter, size, rotation, bumpy surfaces,
 a smooth random deformation of space, tissue intensities, an MRI bias field and noise (Rician for MRI,
@@ -62,6 +65,11 @@ _LIVER = (np.array([10.0, 6.0, 34.0]), np.array([36.0, 26.0, 20.0]))
 _KIDNEY = (np.array([31.0, -12.0, -2.0]), np.array([12.0, 10.0, 18.0]))  # mirrored in x for the left one
 _BLADDER = (np.array([0.0, 10.0, -38.0]), np.array([22.0, 17.0, 15.0]))
 _SPINE_XY, _SPINE_RADIUS, _VERTEBRA_PERIOD = np.array([0.0, -32.0]), 9.0, 22.0
+# unlabelled look-alikes: (centre, semi-axes); spleen ~ liver tissue, stomach and bowel ~ bladder fluid
+_SPLEEN = (np.array([-34.0, -14.0, 30.0]), np.array([12.0, 9.0, 16.0]))
+_STOMACH = (np.array([-20.0, 14.0, 20.0]), np.array([14.0, 10.0, 11.0]))
+_BOWEL = [(np.array([16.0, 18.0, -14.0]), np.array([8.0, 7.0, 7.0])),
+          (np.array([-14.0, 16.0, -18.0]), np.array([8.0, 7.0, 7.0]))]
 _EDGE_MM = 0.75  # softness of image boundaries (the label is the hard 0-level set)
 
 
@@ -185,6 +193,9 @@ def make_phantom(
     ves_k, ves_phase = _waves(rng, 3, (25.0, 45.0))
     bias_k, bias_phase = _waves(rng, 3, (150.0, 300.0))
     bias_amp = rng.uniform(0.05, 0.12, size=3) if modality == "mri" else np.zeros(3)
+    spleen = _Blob(rng, _SPLEEN[0], _SPLEEN[1], 3.0, 0.15, 12.0, 0.2)
+    stomach = _Blob(rng, _STOMACH[0], _STOMACH[1], 3.0, 0.15, 12.0, 0.2)
+    bowel = [_Blob(rng, c, r, 4.0, 0.2, 20.0, 0.2) for c, r in _BOWEL]
 
     # --- world coordinates, deformed ---
     world = phantom_world_coordinates(shape, affine)
@@ -220,6 +231,10 @@ def make_phantom(
 
     # organs, painted in order; the label follows the same order at the 0-level set
     organ_scale = abs(tissue["liver"] - tissue["body"])
+    # unlabelled look-alikes first, so a labelled organ that touches one is drawn on top
+    paint(_soft(spleen.level(p) * spleen.radii.mean()), tissue["liver"] * (1.0 + 0.03 * texture))
+    for fluid in (stomach, *bowel):
+        paint(_soft(fluid.level(p) * fluid.radii.mean()), tissue["bladder"] + 0.1 * organ_scale * texture)
     lv = liver.level(p)
     vessels = np.clip(1.0 - np.abs(vessel_field) * 5.0, 0.0, 1.0)  # thin tubes where the field crosses 0
     paint(_soft(lv * liver.radii.mean()), tissue["liver"] * (1.0 + 0.03 * texture) - 0.8 * organ_scale * vessels)
