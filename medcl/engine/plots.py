@@ -52,8 +52,9 @@ def plot_curves(
         pts = sorted(series[name])
         xs = [p[0] for p in pts]
         ys = [p[1] for p in pts]
-        ax.plot(xs, ys, lw=0.8, alpha=0.45 if smooth > 1 else 1.0, color="tab:blue")
-        if smooth > 1 and len(ys) > smooth:
+        marker = "o" if len(xs) <= 20 else None  # a metric logged a few times (probes) stays visible
+        ax.plot(xs, ys, lw=0.8, alpha=0.45 if smooth > 1 else 1.0, color="tab:blue", marker=marker, ms=3)
+        if smooth > 1 and len(ys) > max(smooth, 20):
             k = smooth
             sm = [sum(ys[max(0, i - k + 1) : i + 1]) / len(ys[max(0, i - k + 1) : i + 1]) for i in range(len(ys))]
             ax.plot(xs, sm, lw=1.5, color="tab:blue")

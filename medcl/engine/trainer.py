@@ -168,6 +168,7 @@ def make_trainer(
         monitor="step",
         mode="max",
         save_last=True,
+        enable_version_counter=False,  # overwrite last.ckpt (FinalStepCheckpoint may have written it), no last-v1
     )
     loggers = [
         CSVLogger(save_dir=str(out), name="logs", version=csv_version),

@@ -92,11 +92,13 @@ class _StepTimer:
         return out
 
 
-def merge_metrics(out: Path) -> Path | None:
+def merge_metrics(out: Path, active: Any = None) -> Path | None:
     """Merge ``logs/metrics.csv`` and ``logs/resume-*/metrics.csv`` into ``out/metrics.csv``.
 
     Later files win for a step they share (a killed run may have logged steps after its last checkpoint;
-    the resumed run logs them again).
+    the resumed run logs them again). ``active(term, step)``, when given, drops ``train/{term}*`` values
+    at steps where the term was not active: the run is one long Lightning epoch, and Lightning re-emits the
+    last value of a key that was not logged in a step.
     """
     files = [out / "logs" / "metrics.csv"] + sorted((out / "logs").glob("resume-*/metrics.csv"), key=lambda p: int(p.parent.name.split("-")[1]))
     rows: dict[int, dict[str, float]] = {}
@@ -108,7 +110,10 @@ def merge_metrics(out: Path) -> Path | None:
         for step in steps_here:
             rows.pop(step, None)
         for key, pts in series.items():
+            term = key[len("train/"):] if key.startswith("train/") else None
             for s, v in pts:
+                if active is not None and term is not None and not active(term, int(s)):
+                    continue
                 rows.setdefault(int(s), {})[key] = v
     if not rows:
         return None
@@ -239,7 +244,12 @@ def run_pretrain(
         from medcl.models import save_backbone
 
         save_backbone(module.backbone, out / "backbone.pt", record)
-        merged = merge_metrics(out)
+        def active(key: str, step: int) -> bool:
+            """Whether ``train/{key}`` belongs to a term that was active at ``step`` (other keys: True)."""
+            owner = max((t for t in cfg.terms if key == t or key.startswith(t + "_")), key=len, default=None)
+            return owner is None or owner in module.phase_at(step)[0]
+
+        merged = merge_metrics(out, active=active)
         if merged is not None:
             keys = [k for k in read_metrics_csv(merged) if k.startswith(("train/", "probe/")) and not k.endswith(("_anchors", "_dropped", "seconds", "chance"))]
             plot_curves(merged, out / "loss.png", keys=keys, title=f"medcl pretrain: {cfg.method}", smooth=5)
