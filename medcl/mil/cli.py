@@ -1,0 +1,105 @@
+"""``medcl mil``: MIL subcommands. ``train`` lives here; the whole-slide ones (``tile``, ``extract``,
+``pretrain-encoder``, ``heatmap``) are registered by :mod:`medcl.mil.wsi_cli`. Light module: the handlers
+import torch and the rest when they run."""
+
+from __future__ import annotations
+
+import argparse
+
+from medcl.mil import wsi_cli
+
+_TRAIN_EPILOG = """\
+data (--data):
+  a slide CSV with header slide_id,label[,split][,patient_id] and one {slide_id}.h5 per slide (datasets
+  'features' [N, D] and 'coords' [N, 2]); the h5 folder is data.h5_dir (relative to the CSV's folder), else
+  'features/' or 'h5_files/' beside the CSV, else the CSV's folder. Or an instance table (no header: bag label,
+  bag id, then the features; e.g. MUSK1). Labels may be strings or integers: classes are sorted (numerically
+  when all labels are integers) and class k is the k-th; data.classes=[a,b,...] fixes the order.
+  Folds are grouped by patient when the CSV has a patient_id (or patient / case_id) column.
+
+outputs (--out): results.csv (a row per head, seed and fold), results.md (mean +- std per head),
+  predictions.csv, instance_scores/{head}.h5, model.pt (one config; model_{head}.pt for several) trained on
+  all bags, config_{head}.yaml.
+
+examples:
+  medcl mil train --config configs/mil/abmil.yaml --data ../shared/data/mil/musk1.csv --out runs/musk1 \\
+      --folds 10 --seeds 0,1,2,3,4
+  medcl mil train --config configs/mil/abmil.yaml --config configs/mil/scmil.yaml --data slides.csv \\
+      --out runs/imb --imbalance 0.1 train.epochs=40
+"""
+
+
+def register(subparsers: argparse._SubParsersAction) -> None:
+    """Add the top-level ``mil`` command with its subcommands."""
+    p = subparsers.add_parser("mil", help="multiple-instance learning on slides / bags of features")
+    sub = p.add_subparsers(dest="mil_command", metavar="MIL_COMMAND")
+    sub.required = True
+    _register_train(sub)
+    wsi_cli.register(sub)
+
+
+def _register_train(sub: argparse._SubParsersAction) -> None:
+    p = sub.add_parser(
+        "train",
+        help="cross-validate MIL heads on bags of features and train a final model",
+        description="Stratified k-fold cross-validation (seeded, grouped by patient when known) of one or more "
+        "MIL heads, then a final model on all bags. Extra key=value arguments override config keys "
+        "(e.g. train.epochs=40 abmil.gated=true); they apply to every --config.",
+        epilog=_TRAIN_EPILOG,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
+    p.add_argument("--config", action="append", default=None, metavar="CFG",
+                   help="YAML config of one head (configs/mil/*.yaml); repeat to compare heads on the same folds "
+                   "(default: the built-in ABMIL config)")
+    p.add_argument("--data", required=True, help="slide CSV or instance table (see below)")
+    p.add_argument("--out", required=True, help="output folder")
+    p.add_argument("--folds", type=int, default=None, help="number of CV folds (cv.folds, default 10)")
+    p.add_argument("--seeds", default=None, help="comma-separated seeds, e.g. 0,1,2,3,4 (cv.seeds); each seed "
+                   "draws its own folds and initialisation")
+    p.add_argument("--imbalance", type=float, default=None, metavar="R",
+                   help="subsample the positive class (cv.positive_class, default the second class) of every "
+                   "training fold so that it makes up the fraction R of the training bags: all other bags are "
+                   "kept and round(R / (1 - R) * n_other) positive bags (at least 2) are drawn at random; test "
+                   "folds are untouched. E.g. 0.1 = 10%% positives")
+    p.add_argument("--device", default=None, help="cpu, cuda, cuda:1 or auto (train.device)")
+    p.set_defaults(func=_run_train, accepts_overrides=True)
+
+
+def _parse_seeds(text: str) -> list[int]:
+    from medcl.core.errors import MedclConfigError
+
+    try:
+        seeds = [int(s) for s in text.replace(" ", "").split(",") if s]
+    except ValueError as exc:
+        raise MedclConfigError("cv.seeds", f"--seeds must be comma-separated integers, got {text!r}") from exc
+    if not seeds:
+        raise MedclConfigError("cv.seeds", "--seeds lists no seed")
+    return seeds
+
+
+def _run_train(args: argparse.Namespace) -> int:
+    from medcl.config import load_config
+    from medcl.mil.bag_io import load_bags
+    from medcl.mil.config import MILConfig
+    from medcl.mil.experiment import cross_validate
+    from medcl.mil.train import torch_threads
+
+    overrides = list(getattr(args, "overrides", []) or [])
+    if args.folds is not None:
+        overrides.append(f"cv.folds={args.folds}")
+    if args.seeds is not None:
+        overrides.append(f"cv.seeds={_parse_seeds(args.seeds)}")
+    if args.imbalance is not None:
+        overrides.append(f"cv.imbalance={args.imbalance}")
+    if args.device is not None:
+        overrides.append(f"train.device={args.device}")
+    cfgs = [load_config(MILConfig, path, overrides) for path in (args.config or [None])]
+    d = cfgs[0].data
+    ds = load_bags(args.data, h5_dir=d.h5_dir, classes=d.classes, features_key=d.features_key,
+                   coords_key=d.coords_key, in_memory=d.in_memory, max_memory_gb=d.max_memory_gb)
+    print(f"medcl mil train: {len(ds)} bags, {ds.n_instances} instances, {ds.in_dim} features, classes {ds.classes}"
+          + (", folds grouped by patient" if ds.patients is not None else ""))
+    with torch_threads(cfgs[0].train.threads):
+        cross_validate(cfgs, ds, args.out)
+    print(f"medcl mil train: results in {args.out}/results.md")
+    return 0

@@ -1,0 +1,282 @@
+"""Patch features for tiled slides: tiles are read by DataLoader workers and encoded in batches.
+
+Input: the ``{slide_id}.h5`` tile files of ``medcl mil tile`` (:mod:`medcl.mil.tiling`). Each tile is read at
+the recorded ``level`` as ``read_size`` pixels and resized to ``tile_size`` when the level did not match the
+target mpp, so the encoder sees tiles at the target microns per pixel.
+
+Output, per slide, ``{slide_id}.h5`` (the CLAM / torchmil layout ``medcl mil train`` reads):
+
+- ``features``: float32 ``[N, D]``, row ``i`` the encoding of tile ``i``;
+- ``coords``: int64 ``[N, 2]``, the tile file's coordinates in the same order (level-0 top-left ``(x, y)``);
+- attributes: every attribute of the tile file plus ``encoder`` (the spec), ``feature_dim``,
+  ``encoder_input_size`` (side the tiles were resized to), ``tiles_file`` and ``complete``.
+
+Resumable: a slide whose feature file is complete and was made by the same encoder is skipped.
+"""
+
+from __future__ import annotations
+
+import os
+import sys
+import time
+from collections import OrderedDict
+from collections.abc import Sequence
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import torch
+from torch.utils.data import DataLoader, Dataset
+
+from medcl.core.errors import MedclDataError
+from medcl.io.slide import Slide, open_slide
+from medcl.mil.tile_io import TileSet, atomic_h5, find_h5, is_complete, load_tile_set
+
+
+class TileDataset(Dataset):
+    """Tiles of one or more slides, read on demand.
+
+    Each process (the main one or a DataLoader worker) opens its own slide handles, lazily, and keeps at
+    most ``max_open`` of them (least recently used closed first): OpenSlide / TiffSlide handles must not
+    cross a fork.
+
+    Args:
+        tile_sets: the slides' tile files (:func:`medcl.mil.tiling.load_tile_set`).
+        max_open: slide handles kept open per process.
+
+    Item ``i`` (tiles of the first set first, in file order): ``{"image": uint8 [3, S, S], "index": i}``
+    with ``S`` the tile set's ``tile_size``.
+    """
+
+    def __init__(self, tile_sets: Sequence[TileSet], max_open: int = 8) -> None:
+        if not tile_sets:
+            raise MedclDataError(None, "no tile sets given")
+        self.tile_sets = list(tile_sets)
+        self.offsets = np.cumsum([0] + [len(t.coords) for t in self.tile_sets])
+        self.max_open = max_open
+        self._handles: OrderedDict[int, Slide] = OrderedDict()
+        self._pid = os.getpid()
+
+    def __len__(self) -> int:
+        return int(self.offsets[-1])
+
+    def __getstate__(self) -> dict:
+        state = self.__dict__.copy()
+        state["_handles"] = OrderedDict()
+        return state
+
+    def _slide(self, k: int) -> Slide:
+        if self._pid != os.getpid():  # forked: the parent's handles are not ours
+            self._handles = OrderedDict()
+            self._pid = os.getpid()
+        if k in self._handles:
+            self._handles.move_to_end(k)
+            return self._handles[k]
+        ts = self.tile_sets[k]
+        slide = open_slide(ts.slide_path, backend=str(ts.attrs.get("backend", "auto")),
+                           assume_mpp=float(ts.attrs["mpp_level0"][0]))
+        self._handles[k] = slide
+        while len(self._handles) > self.max_open:
+            self._handles.popitem(last=False)[1].close()
+        return slide
+
+    def locate(self, i: int) -> tuple[int, int]:
+        """``(tile set index, tile index within it)`` of global index ``i``."""
+        k = int(np.searchsorted(self.offsets, i, side="right") - 1)
+        return k, i - int(self.offsets[k])
+
+    def read(self, i: int) -> np.ndarray:
+        """Tile ``i`` as RGB uint8 ``[S, S, 3]`` at the target mpp."""
+        k, j = self.locate(i)
+        ts = self.tile_sets[k]
+        x, y = ts.coords[j]
+        arr = self._slide(k).read_region((int(x), int(y)), ts.level, (ts.read_size, ts.read_size))
+        if ts.read_size != ts.tile_size:
+            from PIL import Image
+
+            # PIL's bilinear filter widens its support when shrinking: an antialiased resize
+            arr = np.asarray(Image.fromarray(arr).resize((ts.tile_size, ts.tile_size), Image.Resampling.BILINEAR))
+        return arr
+
+    def __getitem__(self, i: int) -> dict:
+        return {"image": torch.from_numpy(np.ascontiguousarray(self.read(i).transpose(2, 0, 1))), "index": i}
+
+    def close(self) -> None:
+        while self._handles:
+            self._handles.popitem()[1].close()
+
+
+def resolve_device(device: str) -> torch.device:
+    """``auto`` -> CUDA when available, else CPU; anything else as ``torch.device``."""
+    if device == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    try:
+        return torch.device(device)
+    except RuntimeError as exc:
+        from medcl.core.errors import MedclConfigError
+
+        raise MedclConfigError("device", f"{device!r} is not a torch device ({exc})") from exc
+
+
+def tile_loader(dataset: Dataset, batch_size: int, workers: int, device: torch.device, **kw) -> DataLoader:
+    """The DataLoader tiles are read through (workers read and decode; the main process encodes)."""
+    return DataLoader(
+        dataset,
+        batch_size=batch_size,
+        num_workers=workers,
+        pin_memory=device.type == "cuda",
+        prefetch_factor=4 if workers > 0 else None,
+        persistent_workers=False,
+        **kw,
+    )
+
+
+@dataclass
+class ExtractResult:
+    """One slide of an extraction run."""
+
+    slide_id: str
+    status: str  # "done" | "skipped" | "failed"
+    n_tiles: int = 0
+    dim: int = 0
+    seconds: float = 0.0
+    patches_per_s: float = 0.0
+    path: str = ""
+    message: str = ""
+
+
+def extract_slide(
+    tile_set: TileSet,
+    encoder: torch.nn.Module,
+    out_path: Path,
+    batch_size: int = 64,
+    workers: int = 2,
+    device: torch.device | None = None,
+    progress: bool = True,
+) -> ExtractResult:
+    """Encode every tile of one slide and write the feature file (atomically)."""
+    import h5py
+    from tqdm.auto import tqdm
+
+    device = device or torch.device("cpu")
+    ds = TileDataset([tile_set], max_open=1)
+    loader = tile_loader(ds, batch_size, workers, device)
+    n = len(ds)
+    dim = int(encoder.dim)
+    amp = device.type == "cuda"
+    tmp = atomic_h5(out_path)
+    t0 = time.perf_counter()
+    try:
+        with h5py.File(tmp, "w") as f:
+            feats = f.create_dataset("features", shape=(n, dim), dtype="float32")
+            f.create_dataset("coords", data=tile_set.coords.astype(np.int64))
+            for k, v in tile_set.attrs.items():
+                if k != "complete":
+                    f.attrs[k] = v
+            f.attrs["encoder"] = getattr(encoder, "name", "")
+            f.attrs["feature_dim"] = dim
+            f.attrs["encoder_input_size"] = int(getattr(encoder, "input_size", None) or tile_set.tile_size)
+            f.attrs["tiles_file"] = str(tile_set.path.resolve())
+            bar = tqdm(total=n, desc=tile_set.slide_id[:24], unit="tile", disable=not progress, file=sys.stderr)
+            with torch.inference_mode(), torch.autocast(device.type, dtype=torch.bfloat16, enabled=amp):
+                for batch in loader:
+                    idx = batch["index"].numpy()
+                    z = encoder(batch["image"].to(device, non_blocking=True)).float().cpu().numpy()
+                    if not np.isfinite(z).all():
+                        raise MedclDataError(tile_set.path, "the encoder produced NaN or infinite features")
+                    feats[int(idx[0]) : int(idx[-1]) + 1] = z  # batches are contiguous (no shuffling)
+                    bar.update(len(idx))
+            bar.close()
+            f.attrs["complete"] = True
+        os.replace(tmp, out_path)
+    finally:
+        ds.close()
+        if tmp.exists():
+            tmp.unlink()
+    dt = time.perf_counter() - t0
+    return ExtractResult(tile_set.slide_id, "done", n, dim, dt, n / max(dt, 1e-9), str(out_path))
+
+
+def _same_encoder(path: Path, name: str) -> bool:
+    import h5py
+
+    with h5py.File(path, "r") as f:
+        return str(f.attrs.get("encoder", "")) == name and "features" in f
+
+
+def extract_features(
+    inputs: Sequence[str | os.PathLike],
+    out_dir: str | os.PathLike,
+    encoder: str | torch.nn.Module = "builtin-cnn",
+    batch_size: int = 64,
+    workers: int = 2,
+    device: str = "auto",
+    input_size: int | None = None,
+    slide_dir: str | os.PathLike | None = None,
+    force: bool = False,
+    encoder_kwargs: dict | None = None,
+    progress: bool = True,
+) -> list[ExtractResult]:
+    """Extract features for every tile file in ``inputs`` (files or folders) into ``out_dir``.
+
+    Args:
+        encoder: a spec for :func:`medcl.mil.encoders.build_encoder` or a built :class:`PatchEncoder`.
+        workers: DataLoader worker processes reading tiles (0: read in the main process).
+        device: ``auto``, ``cpu``, ``cuda``, ...
+        slide_dir: where to find the slides when they moved since tiling.
+        force: recompute slides whose feature file is already complete.
+
+    A slide that cannot be read is reported and skipped; the batch goes on. Prints per-slide and overall
+    patches/s. Returns one :class:`ExtractResult` per tile file.
+    """
+    from medcl.mil.encoders import build_encoder
+
+    dev = resolve_device(device)
+    enc = build_encoder(encoder, input_size=input_size, encoder_kwargs=encoder_kwargs) if isinstance(encoder, str) else encoder
+    enc = enc.to(dev).eval()
+    out = Path(out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    files = find_h5(inputs)
+    if not files:
+        raise MedclDataError(", ".join(map(str, inputs)), "no tile files (.h5) found")
+    results: list[ExtractResult] = []
+    for h5 in files:
+        try:
+            ts = load_tile_set(h5, slide_dir=slide_dir)
+        except MedclDataError as exc:
+            results.append(ExtractResult(h5.stem, "failed", message=exc.problem))
+            print(f"{h5.stem}: failed: {exc}")
+            continue
+        target = out / f"{ts.slide_id}.h5"
+        if target.resolve() == h5.resolve():
+            raise MedclDataError(target, "the output folder is the tile folder: features would overwrite the tiles")
+        if not force and is_complete(target) and _same_encoder(target, enc.name):
+            results.append(ExtractResult(ts.slide_id, "skipped", len(ts.coords), enc.dim, path=str(target),
+                                         message="already extracted (use --force to redo)"))
+            print(f"{ts.slide_id}: already extracted, skipped")
+            continue
+        if not Path(ts.slide_path).is_file():
+            msg = f"slide not found at {ts.slide_path} (recorded in {h5.name}); pass --slide-dir if it moved"
+            results.append(ExtractResult(ts.slide_id, "failed", len(ts.coords), message=msg))
+            print(f"{ts.slide_id}: failed: {msg}")
+            continue
+        try:
+            r = extract_slide(ts, enc, target, batch_size, workers, dev, progress)
+        except MedclDataError as exc:
+            r = ExtractResult(ts.slide_id, "failed", len(ts.coords), message=exc.problem)
+        except RuntimeError as exc:  # a worker's MedclDataError arrives re-raised as RuntimeError
+            r = ExtractResult(ts.slide_id, "failed", len(ts.coords), message=str(exc).strip().splitlines()[-1])
+        results.append(r)
+        if r.status == "done":
+            print(f"{r.slide_id}: {r.n_tiles} tiles -> [{r.n_tiles}, {r.dim}] features, {r.patches_per_s:.1f} patches/s")
+        else:
+            print(f"{r.slide_id}: failed: {r.message}")
+    done = [r for r in results if r.status == "done"]
+    n = sum(r.n_tiles for r in done)
+    secs = sum(r.seconds for r in done)
+    print(
+        f"extracted {n} tiles from {len(done)} slides ({sum(r.status == 'skipped' for r in results)} skipped, "
+        f"{sum(r.status == 'failed' for r in results)} failed) with {enc.name} on {dev}: "
+        f"{n / secs if secs > 0 else 0.0:.1f} patches/s"
+    )
+    return results

@@ -1,0 +1,275 @@
+"""INS: an instance classifier from prototype-based pseudo-labels and instance-level weakly supervised
+contrastive learning (Qu et al., 2023, "Rethinking multiple instance learning for whole slide image
+classification: a good instance classifier is all you need", IEEE TCSVT; built on PiCO, Wang et al., ICLR 2022).
+
+Runs on one CPU or GPU; under DDP the stateful parts (queue, prototypes, pseudo-label table) are updated from
+keys gathered over all ranks, so every rank keeps the same state.
+"""
+
+from __future__ import annotations
+
+import copy
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+from medcl.losses import ContrastIds, KeyQueue, gather_no_grad, info_nce, is_distributed, queue_size_for
+from medcl.mil.augment import feature_augment, subsample_instances
+from medcl.mil.heads.abmil import AttentionPool
+from medcl.mil.heads.base import MILHead, MILOutput, TrainingInfo, mlp
+
+
+class INSHead(MILHead):
+    r"""INS on pre-extracted instance features.
+
+    **Networks.** An instance encoder :math:`f` (MLP), a projection :math:`g` to the unit sphere, an instance
+    classifier :math:`c: \mathbb{R}^E \to \mathbb{R}^K`, momentum copies :math:`f', g'` (EMA of :math:`f, g`
+    with momentum ``momentum``) and a bag head (gated attention pooling of :math:`f(\mathbf{x}_i)` and a
+    linear classifier).
+
+    **Candidate labels.** With a negative class :math:`\nu` (``negative_class``), an instance of a bag of class
+    :math:`y` has candidates :math:`C_i = \{\nu, y\}`; instances of negative bags have :math:`C_i = \{\nu\}`
+    and are certain negatives. (With ``negative_class=None`` every instance takes its bag's label.)
+
+    **One step** on a batch of bags: instance subsampling (``keep``) and two feature-space views
+    (dropout ``feature_dropout``, noise ``noise``) give queries :math:`\mathbf{q}_i = g(f(\tilde{\mathbf{x}}_i))`
+    and keys :math:`\mathbf{k}_i = g'(f'(\tilde{\mathbf{x}}'_i))`. Then
+
+    1. pseudo-label :math:`\hat y_i = \arg\max_{k \in C_i} \mathrm{softmax}(c(f(\tilde{\mathbf{x}}_i)))_k`,
+       then the **bag constraint**: in each bag of class :math:`y \ne \nu`, the instance with the highest
+       probability of :math:`y` gets :math:`\hat y_i = y`;
+    2. prototypes :math:`\boldsymbol\mu_k \leftarrow \mathrm{normalise}(\gamma \boldsymbol\mu_k + (1-\gamma)
+       \mathbf{q}_i)` for each instance with :math:`\hat y_i = k` (the sequential EMA of PiCO, computed in
+       closed form; :math:`\gamma` = ``proto_momentum``);
+    3. soft pseudo-labels :math:`\mathbf{s}_i \leftarrow \phi\,\mathbf{s}_i + (1-\phi)\,\mathrm{onehot}(\arg\max_{k
+       \in C_i} \mathbf{q}_i^\top \boldsymbol\mu_k)` (with the same bag constraint on the margin
+       :math:`\mathbf{q}_i^\top(\boldsymbol\mu_y - \boldsymbol\mu_\nu)`), kept per training instance, :math:`\phi` going linearly
+       from ``conf_momentum[0]`` to ``conf_momentum[1]`` (frozen during the first ``warmup`` of training);
+       initialised uniform over :math:`C_i`;
+    4. loss :math:`\lambda_c \mathcal{L}_{\text{cls}} + \lambda_s \mathcal{L}_{\text{SupCon}} + \lambda_b
+       \mathcal{L}_{\text{bag}}` with :math:`\mathcal{L}_{\text{cls}} = -\frac1M\sum_i \mathbf{s}_i^\top \log
+       \mathrm{softmax}(c(f(\tilde{\mathbf{x}}_i)))`, :math:`\mathcal{L}_{\text{SupCon}}` the masked InfoNCE
+       (:func:`medcl.losses.info_nce`, ``supcon`` mode, :func:`~medcl.losses.label_masks`) of the queries
+       against this step's keys and a queue of past keys, positives sharing :math:`\hat y`, and
+       :math:`\mathcal{L}_{\text{bag}}` the bag cross-entropy. During the ``warmup`` the contrastive term is
+       instance discrimination instead (MoCo: the positive is the instance's other view), as in INS.
+
+    The queue (:class:`~medcl.losses.KeyQueue`) stores each key with its instance id; it is sized to the data
+    (:func:`~medcl.losses.queue_size_for`: at most the number of training instances minus one batch), and an
+    instance's own stale copy is excluded by id, so it is never its own negative. This step's key of the same
+    instance (the other view) is its positive.
+
+    The bag constraint is ours: the reference code relies on PiCO's classifier argmax alone, which on small,
+    positive-sparse problems never names a positive instance (the classifier leans to the negative class),
+    so the positive prototype starves and every pseudo-label collapses to negative.
+
+    **Inference:** bag logits from the bag head; ``instance_scores`` is the instance classifier's probability
+    of *not* being negative, :math:`1 - p_\nu` (with ``negative_class=None``: the probability of the predicted
+    class); ``extras["instance_logits"]`` ``[B, N, K]``, ``extras["attention"]``.
+
+    Args:
+        in_dim, n_classes: feature width ``D`` and classes ``K``.
+        hidden, dropout: instance encoder MLP.
+        proj_dim: projection width.
+        attention_dim: bag head attention width.
+        queue_size: requested queue length (capped by the data, see above).
+        momentum, proto_momentum, conf_momentum, temperature, negative_class, warmup: see above.
+        instance_weight, contrastive_weight, bag_weight: :math:`\lambda_c, \lambda_s, \lambda_b`.
+        feature_dropout, noise, keep: the views.
+    """
+
+    def __init__(
+        self,
+        in_dim: int,
+        n_classes: int,
+        hidden: list[int] = (256, 128),
+        dropout: float = 0.0,
+        proj_dim: int = 64,
+        attention_dim: int = 128,
+        queue_size: int = 4096,
+        momentum: float = 0.99,
+        proto_momentum: float = 0.99,
+        conf_momentum: tuple[float, float] = (0.95, 0.8),
+        temperature: float = 0.1,
+        negative_class: int | None = 0,
+        warmup: float = 0.1,
+        instance_weight: float = 1.0,
+        contrastive_weight: float = 0.5,
+        bag_weight: float = 1.0,
+        feature_dropout: float = 0.1,
+        noise: float = 0.1,
+        keep: float = 0.8,
+    ) -> None:
+        super().__init__(in_dim, n_classes)
+        if negative_class is not None and not 0 <= negative_class < n_classes:
+            raise ValueError(f"negative_class {negative_class} outside [0, {n_classes})")
+        self.encoder, e = mlp(in_dim, list(hidden), dropout)
+        self.embed_dim = e
+        self.projector = nn.Sequential(nn.Linear(e, e), nn.ReLU(), nn.Linear(e, proj_dim))
+        self.instance_classifier = nn.Linear(e, n_classes)
+        self.pool = AttentionPool(e, attention_dim, gated=True)
+        self.classifier = nn.Linear(e, n_classes)
+        self.key_encoder = copy.deepcopy(self.encoder).requires_grad_(False)
+        self.key_projector = copy.deepcopy(self.projector).requires_grad_(False)
+        self.register_buffer("prototypes", torch.zeros(n_classes, proj_dim))
+        self.proj_dim, self.queue_request = proj_dim, int(queue_size)
+        self.momentum, self.proto_momentum, self.conf_momentum = momentum, proto_momentum, tuple(conf_momentum)
+        self.temperature, self.negative_class, self.warmup = temperature, negative_class, warmup
+        self.weights = (instance_weight, contrastive_weight, bag_weight)
+        self.feature_dropout, self.noise, self.keep = feature_dropout, noise, keep
+        # training-only state, sized to the training set: kept out of the state dict (a saved model is
+        # independent of the data it was trained on)
+        self._train_state: dict[str, Any] = {}
+
+    @classmethod
+    def from_config(cls, cfg: Any, in_dim: int, n_classes: int) -> INSHead:
+        i = cfg.ins
+        return cls(
+            in_dim, n_classes, hidden=list(cfg.encoder.hidden), dropout=cfg.encoder.dropout, proj_dim=i.proj_dim,
+            attention_dim=cfg.abmil.attention_dim, queue_size=i.queue_size, momentum=i.momentum,
+            proto_momentum=i.proto_momentum, conf_momentum=i.conf_momentum, temperature=i.temperature,
+            negative_class=i.negative_class, warmup=i.warmup, instance_weight=i.instance_weight,
+            contrastive_weight=i.contrastive_weight, bag_weight=i.bag_weight, feature_dropout=i.feature_dropout,
+            noise=i.noise, keep=i.keep,
+        )
+
+    # ------------------------------------------------------------------------------------ inference
+    def forward_features(self, x: Tensor, mask: Tensor) -> MILOutput:
+        h = self.encoder(x)
+        inst = self.instance_classifier(h)  # [B, N, K]
+        z, a, _ = self.pool(h, mask)
+        logits = self.classifier(z)
+        p = torch.softmax(inst, -1)
+        if self.negative_class is not None:
+            scores = 1.0 - p[..., self.negative_class]
+        else:
+            scores = p.gather(2, logits.argmax(-1)[:, None, None].expand(-1, p.shape[1], 1)).squeeze(-1)
+        return MILOutput(logits, scores * mask, z, {"instance_logits": inst, "attention": a})
+
+    # ------------------------------------------------------------------------------------- training
+    def candidates(self, bag_labels: Tensor) -> Tensor:
+        """``[M, K]`` bool candidate classes of instances whose bags have labels ``bag_labels`` ``[M]``."""
+        cand = F.one_hot(bag_labels, self.n_classes).bool()
+        if self.negative_class is not None:
+            cand[:, self.negative_class] = True
+        return cand
+
+    def prepare_training(self, info: TrainingInfo) -> None:
+        """Size the pseudo-label table (one row per training instance) and the queue to the training set."""
+        device = self.prototypes.device
+        size = queue_size_for(self.queue_request, info.n_instances, max(1, info.max_batch_instances))
+        self._train_state = {
+            "queue": KeyQueue(size, self.proj_dim).to(device),
+            "confidence": None,  # filled lazily from the bag labels of the instances, see _confidence()
+            "n_instances": int(info.n_instances),
+        }
+        self.prototypes.zero_()
+
+    def _confidence(self, uid: Tensor, bag_labels: Tensor) -> Tensor:
+        st = self._train_state
+        if st.get("confidence") is None:
+            st["confidence"] = torch.zeros(st["n_instances"], self.n_classes, device=uid.device)
+            st["seen"] = torch.zeros(st["n_instances"], dtype=torch.bool, device=uid.device)
+        conf, seen = st["confidence"], st["seen"]
+        new = ~seen[uid]
+        cand = self.candidates(bag_labels).float()
+        conf[uid] = torch.where(new[:, None], cand / cand.sum(1, keepdim=True), conf[uid])
+        seen[uid] = True
+        return conf
+
+    def bag_constraint(self, scores: Tensor, labels: Tensor, bag_index: Tensor, bag_y: Tensor) -> Tensor:
+        """In every bag of a class ``y`` other than the negative class, the instance(s) with the highest
+        ``scores`` (``[M]``, evidence for ``y``) get label ``y``: a positive bag holds a positive instance."""
+        if self.negative_class is None:
+            return labels
+        n = int(bag_index.max()) + 1
+        best = torch.full((n,), float("-inf"), dtype=scores.dtype, device=scores.device)
+        best = best.scatter_reduce(0, bag_index, scores, reduce="amax")
+        top = (scores >= best[bag_index]) & (bag_y != self.negative_class)
+        return torch.where(top, bag_y, labels)
+
+    @property
+    def pseudo_labels(self) -> Tensor | None:
+        """``[n_train_instances, K]`` soft pseudo-labels of the training instances (rows of unseen ones are 0)."""
+        return self._train_state.get("confidence")
+
+    @torch.no_grad()
+    def _momentum_update(self) -> None:
+        m = self.momentum
+        for src, dst in ((self.encoder, self.key_encoder), (self.projector, self.key_projector)):
+            for p, pk in zip(src.parameters(), dst.parameters()):
+                pk.mul_(m).add_(p.detach(), alpha=1 - m)
+
+    @torch.no_grad()
+    def _update_prototypes(self, z: Tensor, labels: Tensor) -> None:
+        """Sequential EMA ``mu_y <- g mu_y + (1 - g) z`` over the rows in order, in closed form, then normalise."""
+        g = self.proto_momentum
+        onehot = F.one_hot(labels, self.n_classes).to(z.dtype)  # [M, K]
+        rank = onehot.cumsum(0) - 1  # position of each row among the rows of its class
+        count = onehot.sum(0)  # [K]
+        w = (1 - g) * torch.pow(torch.tensor(g, dtype=z.dtype, device=z.device), count[None, :] - 1 - rank) * onehot
+        self.prototypes.mul_(torch.pow(torch.tensor(g, dtype=z.dtype, device=z.device), count)[:, None])
+        self.prototypes.add_(w.t() @ z)
+        self.prototypes.copy_(F.normalize(self.prototypes, dim=1))
+
+    def training_loss(self, batch: Any, progress: float = 0.0) -> dict[str, Tensor]:
+        if "queue" not in self._train_state:
+            raise RuntimeError("INSHead.prepare_training() must be called before training")
+        mask = batch.mask
+        x = self.prepare_input(batch.features, mask)
+        sel = subsample_instances(mask, self.keep) if self.keep < 1 else mask
+        xq = feature_augment(x, sel, self.feature_dropout, self.noise)
+        xk = feature_augment(x, sel, self.feature_dropout, self.noise)
+        hq_pad = self.encoder(xq)  # [B, N, E]
+        hq = hq_pad[sel]  # [M, E]
+        logits_i = self.instance_classifier(hq)
+        zq = F.normalize(self.projector(hq), dim=1)
+        with torch.no_grad():
+            self._momentum_update()
+            zk = F.normalize(self.key_projector(self.key_encoder(xk[sel])), dim=1)
+        uid = batch.instance_index[sel]
+        bag_y = batch.labels[:, None].expand_as(sel)[sel]
+        bag_idx = batch.index[:, None].expand_as(sel)[sel]
+        cand = self.candidates(bag_y)
+        with torch.no_grad():
+            p = torch.softmax(logits_i.detach(), 1)
+            pseudo = (p * cand).argmax(1)
+            pseudo = self.bag_constraint(p.gather(1, bag_y[:, None]).squeeze(1), pseudo, bag_idx, bag_y)
+            # DDP: every rank updates prototypes and pseudo-labels from all ranks' instances
+            g_zq, g_pseudo = gather_no_grad(zq.detach()), gather_no_grad(pseudo)
+            g_uid, g_bag_y, g_bag_idx = gather_no_grad(uid), gather_no_grad(bag_y), gather_no_grad(bag_idx)
+            self._update_prototypes(g_zq, g_pseudo)
+            conf = self._confidence(g_uid, g_bag_y)
+            if progress >= self.warmup:
+                lo, hi = self.conf_momentum
+                phi = lo + (hi - lo) * min(1.0, float(progress))
+                sim = g_zq @ self.prototypes.t()  # [M, K]
+                proto_lab = sim.masked_fill(~self.candidates(g_bag_y), float("-inf")).argmax(1)
+                if self.negative_class is not None:
+                    margin = sim.gather(1, g_bag_y[:, None]).squeeze(1) - sim[:, self.negative_class]
+                    proto_lab = self.bag_constraint(margin, proto_lab, g_bag_idx, g_bag_y)
+                conf[g_uid] = phi * conf[g_uid] + (1 - phi) * F.one_hot(proto_lab, self.n_classes).to(conf.dtype)
+            target = conf[uid]
+        loss_cls = -(target * F.log_softmax(logits_i, 1)).sum(1).mean()
+
+        queue: KeyQueue = self._train_state["queue"]
+        n_all = self._train_state["n_instances"]
+        k_all = gather_no_grad(zk) if is_distributed() else zk
+        # ids: the query carries the instance id as uid; this step's key (the other view) gets a distinct uid
+        # so that it can be a positive; queued keys keep the instance id, so a stale copy is excluded.
+        q_ids = ContrastIds(uid=uid, source_id=uid, label=pseudo)
+        k_ids = ContrastIds(uid=g_uid + n_all, source_id=g_uid, label=g_pseudo)
+        # warm-up: instance discrimination (MoCo; positive = the other view, 'gr' masks with the instance as
+        # source), then SupCon over pseudo-labels ('label' masks), as in INS
+        strategy = "label" if progress >= self.warmup else "gr"
+        keys, _, pos, excl = queue.masks_with_batch(strategy, q_ids, k_all, k_ids)
+        loss_con = info_nce(zq, keys, pos, excl, temperature=self.temperature, mode="supcon").loss
+        queue.push(k_all, ContrastIds(uid=g_uid, source_id=g_uid, label=g_pseudo))
+
+        z, _, _ = self.pool(hq_pad, sel)
+        loss_bag = F.cross_entropy(self.classifier(z), batch.labels)
+        wi, wc, wb = self.weights
+        total = wi * loss_cls + wc * loss_con + wb * loss_bag
+        return {"loss": total, "instance": loss_cls.detach(), "contrastive": loss_con.detach(), "bag": loss_bag.detach()}

@@ -1,0 +1,269 @@
+"""Contrastive pretraining of the 2D patch encoder on slide tiles (``medcl mil pretrain-encoder``).
+
+SimCLR (Chen et al., ICML 2020) on tiles, with the same contrastive core as the 3D pretraining: each tile
+yields two views; :func:`medcl.losses.contrastive.gr_masks` makes the other view of the same tile the
+positive and every view of the other tiles a negative; the loss is
+:func:`medcl.losses.contrastive.info_nce` (``per_pair``, i.e. NT-Xent with one positive).
+
+Views (vectorised over the batch, one ``grid_sample``):
+
+- a random resized crop (area fraction ``scale``, aspect ``ratio``), composed with a random element of the
+  dihedral group (flips and 90-degree rotations: histology has no canonical orientation), as one affine
+  per view;
+- stain augmentation in HED colour space (Tellez et al., "Quantifying the effects of data augmentation
+  and stain color normalization in convolutional neural networks for computational pathology", MedIA
+  2019): colour deconvolution with Ruifrok & Johnston's matrix (as ``skimage.color.rgb2hed``), each stain
+  channel scaled by ``U(1 - s, 1 + s)`` and shifted by ``U(-s, s)``, back to RGB (``hed2rgb``).
+
+Tiles are read on the fly by DataLoader workers (:class:`medcl.mil.extract.TileDataset`), sampled with
+replacement across all slides. Writes ``encoder.pt`` (loadable by ``medcl mil extract --encoder``),
+``metrics.csv`` and ``curves.png``.
+"""
+
+from __future__ import annotations
+
+import csv
+import math
+import os
+import sys
+import time
+from collections.abc import Sequence
+from dataclasses import asdict, dataclass
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+from skimage import color as _skc
+from torch import nn
+
+from medcl.core.errors import MedclConfigError, MedclDataError
+
+# Ruifrok & Johnston (2001) stain vectors, exactly scikit-image's (rows of ``rgb_from_hed``: H, E, DAB).
+_RGB_FROM_HED = torch.from_numpy(_skc.rgb_from_hed.astype("float64"))
+_HED_FROM_RGB = torch.from_numpy(_skc.hed_from_rgb.astype("float64"))
+_LOG_ADJUST = math.log(1e-6)
+
+
+def rgb_to_hed(rgb: torch.Tensor, clamp: bool = True) -> torch.Tensor:
+    """RGB in ``[0, 1]`` ``[B, 3, H, W]`` -> stain densities ``[B, 3, H, W]`` (H, E, DAB); with ``clamp``
+    exactly ``skimage.color.rgb2hed`` (negative densities set to 0), without it the exact inverse of
+    :func:`hed_to_rgb` for every RGB value >= 1e-6."""
+    m = _HED_FROM_RGB.to(rgb.device, rgb.dtype)
+    od = torch.log(rgb.clamp_min(1e-6)) / _LOG_ADJUST
+    hed = torch.einsum("bchw,cd->bdhw", od, m)
+    return hed.clamp_min(0.0) if clamp else hed
+
+
+def hed_to_rgb(hed: torch.Tensor) -> torch.Tensor:
+    """Stain densities ``[B, 3, H, W]`` -> RGB in ``[0, 1]``, as ``skimage.color.hed2rgb``."""
+    m = _RGB_FROM_HED.to(hed.device, hed.dtype)
+    log_rgb = torch.einsum("bchw,cd->bdhw", hed * _LOG_ADJUST, m)
+    return torch.exp(log_rgb).clamp(0.0, 1.0)
+
+
+def hed_jitter(
+    rgb: torch.Tensor, sigma: float, generator: torch.Generator | None = None, shift: float | None = None
+) -> torch.Tensor:
+    """Tellez et al.'s HED stain augmentation of RGB ``[B, 3, H, W]`` in ``[0, 1]``: per image and stain,
+    ``hed * U(1 - sigma, 1 + sigma) + U(-shift, shift)``; ``shift`` defaults to ``sigma / 5`` (densities
+    are ``log(rgb) / log(1e-6)``, about 0 to 0.3 on H&E, so a shift as large as ``sigma`` tints the white
+    background). The densities are not clamped at 0 before the jitter (``rgb2hed`` does), so the identity
+    jitter returns the input."""
+    if sigma <= 0:
+        return rgb
+    shift = sigma / 5 if shift is None else shift
+    b = rgb.shape[0]
+    alpha = 1.0 + (torch.rand(b, 3, 1, 1, generator=generator, device=rgb.device) * 2 - 1) * sigma
+    beta = (torch.rand(b, 3, 1, 1, generator=generator, device=rgb.device) * 2 - 1) * shift
+    return hed_to_rgb(rgb_to_hed(rgb, clamp=False) * alpha.to(rgb.dtype) + beta.to(rgb.dtype))
+
+
+def dihedral(k: torch.Tensor, flip: torch.Tensor) -> torch.Tensor:
+    """``[B, 2, 2]`` matrices: a flip of the first axis (where ``flip``) followed by ``k`` quarter turns."""
+    c = torch.cos(k * (math.pi / 2)).round()
+    s = torch.sin(k * (math.pi / 2)).round()
+    rot = torch.stack([torch.stack([c, -s], -1), torch.stack([s, c], -1)], -2)
+    f = torch.ones_like(k)
+    f = torch.where(flip, -f, f)
+    mirror = torch.diag_embed(torch.stack([f, torch.ones_like(f)], -1))
+    return rot @ mirror
+
+
+def random_views(
+    tiles: torch.Tensor,
+    size: int,
+    generator: torch.Generator | None = None,
+    scale: tuple[float, float] = (0.25, 1.0),
+    ratio: tuple[float, float] = (3 / 4, 4 / 3),
+) -> torch.Tensor:
+    """One random resized crop + flip + quarter turn per tile, as a single batched ``grid_sample``.
+
+    Args:
+        tiles: ``[B, 3, S, S]`` uint8 or float in ``[0, 1]``.
+        size: output side.
+        scale: range of the crop's area as a fraction of the tile; ratio: range of its aspect ratio.
+
+    Returns:
+        ``[B, 3, size, size]`` float in ``[0, 1]``.
+    """
+    x = tiles.float() / 255.0 if tiles.dtype == torch.uint8 else tiles.float()
+    b, _, s, _ = x.shape
+    dev = x.device
+    # shrink first so that the largest crop is resampled by at most 2x (bilinear sampling would alias)
+    pre = min(s, max(size, round(2 * size)))
+    if pre < s:
+        x = F.interpolate(x, size=(pre, pre), mode="bilinear", align_corners=False, antialias=True)
+    u = torch.rand(b, 6, generator=generator, device=dev)
+    area = scale[0] + (scale[1] - scale[0]) * u[:, 0]
+    logr = math.log(ratio[0]) + (math.log(ratio[1]) - math.log(ratio[0])) * u[:, 1]
+    w = torch.sqrt(area * torch.exp(logr)).clamp(max=1.0)  # crop side as a fraction of the tile
+    h = torch.sqrt(area / torch.exp(logr)).clamp(max=1.0)
+    cx = (1 - w) * (2 * u[:, 2] - 1)  # centre in normalised [-1, 1] coordinates, crop inside the tile
+    cy = (1 - h) * (2 * u[:, 3] - 1)
+    k = torch.floor(u[:, 4] * 4).clamp(max=3)
+    d = dihedral(k, u[:, 5] < 0.5)
+    theta = torch.cat([torch.diag_embed(torch.stack([w, h], -1)) @ d, torch.stack([cx, cy], -1)[..., None]], -1)
+    grid = F.affine_grid(theta, [b, 3, size, size], align_corners=False)
+    return F.grid_sample(x, grid, mode="bilinear", padding_mode="reflection", align_corners=False)
+
+
+@dataclass
+class PretrainParams:
+    """Settings of ``medcl mil pretrain-encoder`` (see the CLI help)."""
+
+    steps: int = 200
+    batch_size: int = 32
+    crop: int = 96
+    lr: float = 1e-3
+    weight_decay: float = 1e-4
+    temperature: float = 0.1
+    width: int = 32
+    proj_dim: int = 128
+    stain_sigma: float = 0.1
+    scale_min: float = 0.25
+    seed: int = 0
+    device: str = "auto"
+    workers: int = 2
+    log_every: int = 10
+
+    def validate(self) -> None:
+        for key in ("steps", "batch_size", "crop", "width", "proj_dim", "log_every"):
+            if int(getattr(self, key)) < 1:
+                raise MedclConfigError(key, f"must be >= 1, got {getattr(self, key)}")
+        if self.batch_size < 2:
+            raise MedclConfigError("batch_size", "contrastive pretraining needs at least 2 tiles per step")
+        if not 0 < self.scale_min <= 1:
+            raise MedclConfigError("scale_min", f"must be in (0, 1], got {self.scale_min}")
+        if self.temperature <= 0 or self.lr <= 0:
+            raise MedclConfigError("temperature/lr", "must be positive")
+
+
+def pretrain_encoder(
+    inputs: Sequence[str | os.PathLike],
+    out_dir: str | os.PathLike,
+    params: PretrainParams | None = None,
+    slide_dir: str | os.PathLike | None = None,
+    progress: bool = True,
+) -> Path:
+    """Pretrain the built-in CNN on the tiles of ``inputs`` (tile h5 files or folders); returns the
+    checkpoint path (``out_dir/encoder.pt``)."""
+    from torch.utils.data import RandomSampler
+    from tqdm.auto import tqdm
+
+    from medcl.core.record import RunRecord
+    from medcl.engine.checkpoint import atomic_torch_save
+    from medcl.engine.plots import plot_curves
+    from medcl.losses.contrastive import gr_masks, info_nce
+    from medcl.mil.encoders import build_builtin, encoder_checkpoint
+    from medcl.mil.extract import TileDataset, resolve_device, tile_loader
+    from medcl.mil.tile_io import find_h5, load_tile_set
+
+    p = params or PretrainParams()
+    p.validate()
+    dev = resolve_device(p.device)
+    files = find_h5(inputs)
+    if not files:
+        raise MedclDataError(", ".join(map(str, inputs)), "no tile files (.h5) found")
+    sets = [load_tile_set(f, slide_dir=slide_dir) for f in files]
+    sets = [s for s in sets if len(s.coords)]
+    ds = TileDataset(sets)
+    if len(ds) < 2:
+        raise MedclDataError(files[0], f"contrastive pretraining needs at least 2 tiles, found {len(ds)}")
+    out = Path(out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+
+    torch.manual_seed(p.seed)
+    encoder = build_builtin(p.width, seed=p.seed).to(dev)
+    projector = nn.Sequential(
+        nn.Linear(encoder.dim, encoder.dim), nn.ReLU(inplace=True), nn.Linear(encoder.dim, p.proj_dim)
+    ).to(dev)
+    params_all = list(encoder.parameters()) + list(projector.parameters())
+    opt = torch.optim.AdamW(params_all, lr=p.lr, weight_decay=p.weight_decay)
+    sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: 0.5 * (1 + math.cos(math.pi * min(s, p.steps) / p.steps)))
+    g_data = torch.Generator().manual_seed(p.seed)
+    g_aug = torch.Generator(device=dev).manual_seed(p.seed + 1)
+    sampler = RandomSampler(ds, replacement=True, num_samples=p.steps * p.batch_size, generator=g_data)
+    loader = tile_loader(ds, p.batch_size, p.workers, dev, sampler=sampler, drop_last=True)
+
+    b = p.batch_size
+    src = torch.arange(b, device=dev).repeat(2)
+    uid = torch.arange(2 * b, device=dev)
+    pos, excl = gr_masks(src, uid, src, uid)
+    rows: list[dict] = []
+    encoder.train()
+    projector.train()
+    t0 = time.perf_counter()
+    bar = tqdm(total=p.steps, desc="pretrain-encoder", unit="step", disable=not progress, file=sys.stderr)
+    for step, batch in enumerate(loader, start=1):
+        x = batch["image"].to(dev, non_blocking=True)
+        views = torch.cat([random_views(x, p.crop, g_aug, (p.scale_min, 1.0)) for _ in range(2)])
+        views = hed_jitter(views, p.stain_sigma, g_aug)
+        z = projector(encoder.model((views - encoder.mean) / encoder.std))
+        res = info_nce(z, z, pos, excl, temperature=p.temperature, mode="per_pair")
+        opt.zero_grad(set_to_none=True)
+        res.loss.backward()
+        opt.step()
+        sched.step()
+        bar.update(1)
+        if step % p.log_every == 0 or step == p.steps:
+            with torch.no_grad():
+                zn = F.normalize(z.detach().float(), dim=1)
+                sim = zn @ zn.T
+                row = {
+                    "step": step,
+                    "loss": float(res.loss.detach()),
+                    "pos_cosine": float(sim[pos].mean()),
+                    "neg_cosine": float(sim[~pos & ~excl].mean()),
+                    "lr": float(sched.get_last_lr()[0]),
+                    "seconds": time.perf_counter() - t0,
+                }
+            rows.append(row)
+            bar.set_postfix(loss=f"{row['loss']:.3f}")
+    bar.close()
+    ds.close()
+
+    with open(out / "metrics.csv", "w", newline="") as f:
+        w = csv.DictWriter(f, fieldnames=list(rows[0]))
+        w.writeheader()
+        w.writerows(rows)
+    plot_curves(out / "metrics.csv", out / "curves.png", keys=["loss", "pos_cosine", "neg_cosine"],
+                title="patch encoder pretraining (SimCLR, HED stain jitter)")
+    encoder.eval()
+    encoder.input_size = p.crop  # extraction sees tiles at the view size it was trained at
+    record = RunRecord(kind="mil-encoder", config=asdict(p), cases_seen=sorted({s.slide_id for s in sets}))
+    ckpt = encoder_checkpoint(
+        encoder,
+        p.width,
+        record=record.to_dict(),
+        extra={"projector": {k: v.detach().cpu() for k, v in projector.state_dict().items()},
+               "tiles_mpp": float(sets[0].attrs.get("mpp", 0.0)), "tile_size": sets[0].tile_size},
+    )
+    path = out / "encoder.pt"
+    atomic_torch_save(ckpt, path)
+    last = rows[-1]
+    print(
+        f"pretrained the patch encoder for {p.steps} steps on {len(ds)} tiles of {len(sets)} slides: "
+        f"loss {rows[0]['loss']:.3f} -> {last['loss']:.3f}, positive cosine {last['pos_cosine']:.2f}, "
+        f"negative cosine {last['neg_cosine']:.2f}; wrote {path}"
+    )
+    return path

@@ -1,0 +1,116 @@
+"""Tile files of ``medcl mil tile``: atomic writing, completeness, reading back (layout: :mod:`medcl.mil.tiling`)."""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Iterable
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+
+from medcl.core.errors import MedclDataError
+
+
+def is_complete(h5_path: Path) -> bool:
+    """True when ``h5_path`` is a fully written tile or feature file."""
+    if not h5_path.is_file():
+        return False
+    import h5py
+
+    try:
+        with h5py.File(h5_path, "r") as f:
+            return bool(f.attrs.get("complete", False)) and "coords" in f
+    except OSError:
+        return False
+
+
+def atomic_h5(path: Path) -> Path:
+    """A temp path next to ``path``: writers fill it and ``os.replace`` it onto ``path`` (atomic)."""
+    return path.with_name(f".{path.name}.{os.getpid()}.tmp")
+
+
+def write_tiles_h5(path: Path, coords: np.ndarray, fractions: np.ndarray, attrs: dict) -> None:
+    """Write a tile file atomically: ``coords`` [N, 2] int64, ``tissue_fraction`` [N], ``attrs``, ``complete``."""
+    import h5py
+
+    tmp = atomic_h5(path)
+    try:
+        with h5py.File(tmp, "w") as f:
+            d = f.create_dataset("coords", data=coords.astype(np.int64))
+            d.attrs["patch_level"] = attrs["level"]
+            d.attrs["patch_size"] = attrs["read_size"]
+            f.create_dataset("tissue_fraction", data=fractions.astype(np.float32))
+            for k, v in attrs.items():
+                f.attrs[k] = v
+            f.attrs["complete"] = True
+        os.replace(tmp, path)
+    finally:
+        if tmp.exists():
+            tmp.unlink()
+
+
+@dataclass
+class TileSet:
+    """A tile file read back: coordinates ``[N, 2]`` int64 and the attributes (see :mod:`medcl.mil.tiling`)."""
+
+    path: Path
+    slide_id: str
+    slide_path: str
+    coords: np.ndarray
+    attrs: dict
+
+    @property
+    def level(self) -> int:
+        return int(self.attrs["level"])
+
+    @property
+    def read_size(self) -> int:
+        return int(self.attrs["read_size"])
+
+    @property
+    def tile_size(self) -> int:
+        return int(self.attrs["tile_size"])
+
+
+def load_tile_set(path: str | os.PathLike, slide_dir: str | os.PathLike | None = None) -> TileSet:
+    """Read a tile (or feature) h5 written by :func:`tile_slides`.
+
+    The slide is looked up at the recorded ``slide_path``, or, when ``slide_dir`` is given, by its file
+    name there (slides moved to another machine). Raises :class:`MedclDataError` naming the file."""
+    import h5py
+
+    p = Path(path)
+    try:
+        with h5py.File(p, "r") as f:
+            if "coords" not in f:
+                raise MedclDataError(p, "no 'coords' dataset: not a tile file of 'medcl mil tile'")
+            coords = np.asarray(f["coords"][()], dtype=np.int64)
+            attrs = {k: (v.decode() if isinstance(v, bytes) else v) for k, v in f.attrs.items()}
+    except OSError as exc:
+        raise MedclDataError(p, f"cannot read h5 file: {exc}") from exc
+    if coords.ndim != 2 or coords.shape[1] != 2:
+        raise MedclDataError(p, f"'coords' must be [N, 2], got shape {list(coords.shape)}")
+    missing = [k for k in ("slide_path", "level", "read_size", "tile_size", "tile_size_level0") if k not in attrs]
+    if missing:
+        raise MedclDataError(p, f"missing tiling attributes {missing}; re-run 'medcl mil tile'")
+    slide_path = str(attrs["slide_path"])
+    if slide_dir is not None:
+        slide_path = str(Path(slide_dir) / Path(slide_path).name)
+    sid = str(attrs.get("slide_id", p.stem))
+    return TileSet(p, sid, slide_path, coords, attrs)
+
+
+def find_h5(inputs: Iterable[str | os.PathLike]) -> list[Path]:
+    """h5 files named by ``inputs`` (files, or folders scanned non-recursively), sorted, no duplicates."""
+    out: list[Path] = []
+    for item in inputs:
+        p = Path(item)
+        if p.is_dir():
+            out.extend(sorted(q for q in p.glob("*.h5") if q.is_file()))
+        elif p.is_file():
+            out.append(p)
+        else:
+            raise MedclDataError(p, "no such file or folder")
+    seen: set[Path] = set()
+    return [p for p in out if not (p.resolve() in seen or seen.add(p.resolve()))]
