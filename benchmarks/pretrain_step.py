@@ -32,13 +32,13 @@ sys.path.insert(0, str(ROOT))
 
 from medcl.pretrain.run import resolve_config  # noqa: E402
 
-METHOD_FILES = {"gd": "gd", "gd+local": "gd_local_joint", "voco": "voco", "anatomical": "anatomical", "gr": "gr", "structural": "structural"}
+METHOD_FILES = {"gd": "gd", "gd+local": "gd_local", "gd+local-joint": "gd_local_joint", "voco": "voco", "anatomical": "anatomical", "gr": "gr", "structural": "structural"}
 
 
 def method_overrides(method: str, size: int, views: int) -> list[str]:
     """Shape a method so that one step sees about ``views`` views of ``size``^3 voxels."""
     half = size // 2
-    if method in ("gd", "gd+local"):
+    if method in ("gd", "gd+local", "gd+local-joint"):
         parts = max(1, views // 2)
         return [f"views.partition.crop=[{size},{size},{size}]", f"views.partition.partitions={parts}", "data.volumes_per_step=1"]
     if method == "gr":
@@ -104,9 +104,18 @@ def run_method(method: str, data: Path, args: argparse.Namespace) -> dict[str, A
 
         t = timer.times[max(1, len(timer.times) // 5):]  # drop warm-up (first fifth)
         med = sorted(t)[len(t) // 2]
+        phases = {}
+        if cfg.phases:  # staged methods: each phase's own median (first two steps of a phase dropped)
+            start = 0
+            for i, ph in enumerate(cfg.phases):
+                end = round(ph.until * args.steps)
+                pt = sorted(timer.times[start + 2 : end]) or sorted(timer.times[start:end])
+                if pt:
+                    phases[f"phase{i}_" + "+".join(ph.terms or list(cfg.terms))] = pt[len(pt) // 2]
+                start = end
         batch = collate_views([stream[i] for i in range(cfg.data.volumes_per_step)])
         voxels = sum(vb.views[:, :1].numel() for vb in batch["views"].values())
-        results[mode] = {"step_s": med, "steps_per_s": 1.0 / med, "voxels_per_s": voxels / med}
+        results[mode] = {"step_s": med, "steps_per_s": 1.0 / med, "voxels_per_s": voxels / med, **phases}
         results["views_per_step"] = sum(len(vb) for vb in batch["views"].values())
         results["voxels_per_step"] = voxels
         if accel == "gpu":
@@ -164,7 +173,7 @@ def count_step_flops(cfg, stream, accel: str) -> float:
 
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--methods", default="gd,gd+local,voco,anatomical")
+    p.add_argument("--methods", default="gd,gd+local,gd+local-joint,voco,anatomical")
     p.add_argument("--device", default="auto")
     p.add_argument("--size", type=int, default=None, help="view edge in voxels (48 CPU, 96 GPU)")
     p.add_argument("--views", type=int, default=4, help="views per step")

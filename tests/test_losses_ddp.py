@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import os
 import socket
+import time
 
 import pytest
 import torch
@@ -86,7 +87,13 @@ def _free_port() -> int:
 @pytest.mark.skipif(not dist.is_available(), reason="torch.distributed not available")
 def test_ddp_unequal_views_match_single_process(tmp_path):
     out = str(tmp_path / "rank0.pt")
-    mp.spawn(_worker, args=(2, _free_port(), out), nprocs=2, join=True)
+    ctx = mp.spawn(_worker, args=(2, _free_port(), out), nprocs=2, join=False)
+    deadline = time.time() + 120
+    while not ctx.join(timeout=2):  # raises with the rank's traceback if a rank failed
+        if time.time() > deadline:
+            for p in ctx.processes:
+                p.kill()
+            pytest.fail("the two ranks did not finish within 120 s")
     got = torch.load(out, weights_only=True)
 
     model = _model()
