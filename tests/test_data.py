@@ -526,3 +526,22 @@ def test_label_nifti_stays_integer_through_writer(tmp_path):
     with warnings.catch_warnings():
         warnings.simplefilter("error")
         assert load_manifest(out).cases[0].id == "phantom_000"
+
+
+def test_disk_cache_round_trips_metadata_trace_and_label_dtype(phantom_ds, tmp_path):
+    """The JSON-packed metadata and MONAI trace come back with the same values and container types, and a
+    label stored as uint8 comes back in its original dtype."""
+    from medcl.data.dataset import to_plain
+
+    m = load_manifest(phantom_ds)
+    plan = PreprocessingPlan.for_manifest(m, spacing=(5.0, 5.0, 5.0), crop_foreground=True)
+    ref = CaseDataset(m, plan, cache="disk", cache_dir=tmp_path)[0]  # preprocessed now, and written
+    ds = CaseDataset(m, plan, cache="disk", cache_dir=tmp_path)
+    back = ds[0]
+    blob = torch.load(ds.cache_path(0), weights_only=True)
+    assert blob["label"]["data"].dtype == torch.uint8 and back["label"].dtype == ref["label"].dtype
+    for key in ("image", "label"):
+        assert torch.equal(back[key].as_tensor(), ref[key].as_tensor())
+        got, want = to_plain(dict(back[key].meta)), to_plain(dict(ref[key].meta))
+        assert repr(got) == repr(want)
+        assert repr(to_plain(list(back[key].applied_operations))) == repr(to_plain(list(ref[key].applied_operations)))

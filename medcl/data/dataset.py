@@ -18,6 +18,7 @@ from __future__ import annotations
 import enum
 import hashlib
 import io
+import json
 import os
 import re
 import tempfile
@@ -38,7 +39,7 @@ from medcl.data.transforms import volume_to_metatensor
 
 __all__ = ["CaseDataset", "default_cache_dir", "CACHE_FORMAT"]
 
-CACHE_FORMAT = "medcl-case-cache-1"
+CACHE_FORMAT = "medcl-case-cache-2"
 
 
 def default_cache_dir() -> Path:
@@ -92,17 +93,62 @@ def from_plain(x: Any) -> Any:
     return x
 
 
-def _pack_metatensor(t: MetaTensor) -> dict[str, Any]:
-    return {
-        "data": t.as_tensor().contiguous().clone(),
-        "meta": to_plain({k: v for k, v in t.meta.items()}),
-        "ops": to_plain(list(t.applied_operations)),
-    }
+def _json_default(x: Any) -> Any:
+    if isinstance(x, torch.Tensor):
+        return {"__tensor__": x.tolist(), "dtype": str(x.dtype).removeprefix("torch."), "shape": list(x.shape)}
+    raise TypeError(f"cannot store a {type(x).__name__} in a cache file")
+
+
+def _json_hook(d: dict[str, Any]) -> Any:
+    if "__tensor__" in d:
+        return torch.tensor(d["__tensor__"], dtype=getattr(torch, d["dtype"])).reshape(d["shape"])
+    return d
+
+
+def _tuples_marked(x: Any) -> Any:
+    """JSON has no tuples: wrap them so that the metadata round-trips with its exact container types."""
+    if isinstance(x, tuple):
+        return {"__tuple__": [_tuples_marked(v) for v in x]}
+    if isinstance(x, list):
+        return [_tuples_marked(v) for v in x]
+    if isinstance(x, dict):
+        return {k: _tuples_marked(v) for k, v in x.items()}
+    return x
+
+
+def _tuples_restored(x: Any) -> Any:
+    if isinstance(x, dict):
+        if set(x) == {"__tuple__"}:
+            return tuple(_tuples_restored(v) for v in x["__tuple__"])
+        return {k: _tuples_restored(v) for k, v in x.items()}
+    if isinstance(x, list):
+        return [_tuples_restored(v) for v in x]
+    return x
+
+
+def _pack_metatensor(t: MetaTensor, small_ints: bool = False) -> dict[str, Any]:
+    """Voxels as one tensor; metadata and trace as one JSON string (small arrays as nested lists).
+
+    One string instead of a pickled tree of small tensors makes a cached case several times faster to
+    load (the weights-only unpickler dominated). ``small_ints``: store integer-valued voxels in 0..255
+    (labels) as uint8 and restore the dtype on load.
+    """
+    data = t.as_tensor().detach().contiguous()
+    dtype = str(data.dtype).removeprefix("torch.")
+    if small_ints and data.numel() and data.dtype not in (torch.bool, torch.uint8):
+        lo, hi = data.aminmax()
+        if lo >= 0 and hi <= 255 and (not data.is_floating_point() or torch.equal(data, data.round())):
+            data = data.to(torch.uint8)
+    text = json.dumps(_tuples_marked(to_plain({"meta": dict(t.meta), "ops": list(t.applied_operations)})),
+                      default=_json_default, allow_nan=True)
+    return {"data": data.clone(), "dtype": dtype, "meta_json": text}
 
 
 def _unpack_metatensor(d: dict[str, Any]) -> MetaTensor:
-    meta = from_plain(d["meta"])
-    return MetaTensor(d["data"], meta=meta, applied_operations=from_plain(d["ops"]))
+    plain = _tuples_restored(json.loads(d["meta_json"], object_hook=_json_hook))
+    plain = from_plain(plain)
+    data = d["data"].to(getattr(torch, d["dtype"]))
+    return MetaTensor(data, meta=plain["meta"], applied_operations=plain["ops"])
 
 
 def _file_signature(path: str) -> list[Any]:
@@ -236,7 +282,7 @@ class CaseDataset(Dataset):
     def _save_cached(self, path: Path, item: dict[str, Any]) -> None:
         blob: dict[str, Any] = {"format": CACHE_FORMAT, "id": item["id"], "fg_box": item["fg_box"].clone(),
                                 "image": _pack_metatensor(item["image"]),
-                                "label": _pack_metatensor(item["label"]) if "label" in item else None}
+                                "label": _pack_metatensor(item["label"], small_ints=True) if "label" in item else None}
         _atomic_save(blob, path)
 
     def _get(self, index: int) -> dict[str, Any]:
