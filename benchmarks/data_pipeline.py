@@ -62,7 +62,7 @@ def measure_epochs(data: Path, plan: PreprocessingPlan, repeats: int, cache_root
     out["ram_epoch_s"] = median_epoch(ram, repeats)
     out["disk_fill_epoch_s"] = epoch_seconds(CaseDataset(m, plan, cache="disk", cache_dir=cache_root))
     out["disk_epoch_s"] = median_epoch(CaseDataset(m, plan, cache="disk", cache_dir=cache_root), repeats)
-    files = list(cache_root.rglob("*.pt"))
+    files = [f for f in cache_root.rglob("*") if f.is_file()]
     out["disk_cache_mb"] = round(sum(f.stat().st_size for f in files) / 2**20, 2)
     for mode in ("uncached", "ram", "disk"):
         out[f"{mode}_volumes_per_s"] = round(n / out[f"{mode}_epoch_s"], 1)

@@ -272,9 +272,11 @@ def test_disk_cache_second_pass_decodes_nothing(phantom_ds, tmp_path, monkeypatc
     for a, b in zip(first, second):
         assert a["id"] == b["id"] and torch.equal(a["image"], b["image"]) and torch.equal(a["label"], b["label"])
         assert torch.equal(a["image"].affine, b["image"].affine) and torch.equal(a["fg_box"], b["fg_box"])
-    # the cache file is plain: it loads with weights_only=True
-    blob = torch.load(ds.cache_path(0), weights_only=True)
-    assert blob["id"] == m.cases[0].id
+    # the cache file is pickle-free: JSON + raw tensor bytes
+    from medcl.data.blobfile import read_blob
+
+    blob = read_blob(ds.cache_path(0))
+    assert blob["id"] == m.cases[0].id and ds.cache_path(0).read_bytes()[:8] == b"MEDCLB1\n"
     # a cached item still inverts to the original grid exactly
     lab0 = medcl.io.read_volume(m.cases[0].label, is_label=True)
     back = invert_to_original(second[0]["label"], second[0], plan)
@@ -538,10 +540,38 @@ def test_disk_cache_round_trips_metadata_trace_and_label_dtype(phantom_ds, tmp_p
     ref = CaseDataset(m, plan, cache="disk", cache_dir=tmp_path)[0]  # preprocessed now, and written
     ds = CaseDataset(m, plan, cache="disk", cache_dir=tmp_path)
     back = ds[0]
-    blob = torch.load(ds.cache_path(0), weights_only=True)
+    from medcl.data.blobfile import read_blob
+
+    blob = read_blob(ds.cache_path(0))
     assert blob["label"]["data"].dtype == torch.uint8 and back["label"].dtype == ref["label"].dtype
     for key in ("image", "label"):
         assert torch.equal(back[key].as_tensor(), ref[key].as_tensor())
         got, want = to_plain(dict(back[key].meta)), to_plain(dict(ref[key].meta))
         assert repr(got) == repr(want)
         assert repr(to_plain(list(back[key].applied_operations))) == repr(to_plain(list(ref[key].applied_operations)))
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64, torch.int64, torch.uint8, torch.bool, torch.int16])
+def test_blob_file_round_trip_and_damage(tmp_path, dtype):
+    """Every dtype and odd shapes (0-d, empty, non-contiguous) come back equal; a truncated or foreign file
+    raises ValueError (the dataset turns that into a rebuild)."""
+    from medcl.data.blobfile import read_blob, write_blob
+
+    g = torch.Generator().manual_seed(0)
+    big = (torch.randn(3, 5, 7, generator=g) * 100).to(dtype)
+    obj = {"a": big, "b": [big.transpose(0, 2), {"c": torch.tensor(3).to(dtype)}], "e": torch.empty(0, 4, dtype=dtype),
+           "s": "text", "n": None, "f": 1.5, "t": (1, 2)}
+    p = tmp_path / "x.medcl"
+    write_blob(obj, p)
+    back = read_blob(p)
+    assert torch.equal(back["a"], big) and back["a"].dtype == dtype
+    assert torch.equal(back["b"][0], big.transpose(0, 2)) and torch.equal(back["b"][1]["c"], obj["b"][1]["c"])
+    assert back["e"].shape == (0, 4) and back["s"] == "text" and back["n"] is None and back["f"] == 1.5
+    assert back["t"] == [1, 2]
+    back["a"].zero_()  # owns its memory
+    assert torch.equal(read_blob(p)["a"], big)
+    data = p.read_bytes()
+    for broken in (data[: len(data) // 2], data[:20], b"PK\x03\x04" + data[4:]):
+        p.write_bytes(broken)
+        with pytest.raises(ValueError):
+            read_blob(p)
