@@ -42,6 +42,7 @@ import time
 
 import torch
 import torch.nn.functional as F
+from _memory import profiled_peak_mb  # benchmarks/ is on sys.path when a script runs
 
 from medcl.losses import gr_masks, info_nce, local_contrastive_loss
 from medcl.losses.local import read_features
@@ -98,26 +99,6 @@ def _run_local(kind: str, fa, fb, a, b, view, points: int) -> None:
     loss.backward()
 
 
-def _profiled_peak_mb(fn) -> float:
-    """Peak of the CPU tensor memory allocated (net of frees) while ``fn`` runs, from the profiler's
-    allocation timeline (every allocation and free of the CPU allocator, forward and backward)."""
-    from torch.profiler import ProfilerActivity, profile
-    from torch.profiler._memory_profiler import Action
-
-    with profile(
-        activities=[ProfilerActivity.CPU], profile_memory=True, record_shapes=True, with_stack=True
-    ) as prof:
-        fn()
-    cur = peak = 0
-    for _, action, _, size in prof._memory_profile().timeline:
-        if action == Action.CREATE:
-            cur += size
-        elif action == Action.DESTROY:
-            cur -= size
-        peak = max(peak, cur)
-    return peak / 2**20
-
-
 def memory_case(kind: str, size: int, batch: int, channels: int, points: int, device: str) -> float:
     """Peak extra memory (MB) of one forward + backward of the loss."""
     fa, fb, a, b, view = _local_inputs(size, batch, channels, device)
@@ -128,7 +109,7 @@ def memory_case(kind: str, size: int, batch: int, channels: int, points: int, de
         _run_local(kind, fa, fb, a, b, view, points)
         torch.cuda.synchronize()
         return (torch.cuda.max_memory_allocated() - base) / 2**20
-    return _profiled_peak_mb(lambda: _run_local(kind, fa, fb, a, b, view, points))
+    return profiled_peak_mb(lambda: _run_local(kind, fa, fb, a, b, view, points))
 
 
 def time_case(kind: str, size: int, batch: int, channels: int, points: int, device: str, repeats: int):

@@ -30,6 +30,7 @@ import time
 from collections.abc import Callable
 
 import torch
+from _memory import profiled_peak_mb  # benchmarks/ is on sys.path when a script runs
 
 from medcl.mil.config import MILConfig
 from medcl.mil.heads import MILHead, build_head
@@ -57,23 +58,6 @@ def training_step(head: MILHead, opt: torch.optim.Optimizer, x: torch.Tensor, ma
 def _sync(device: str) -> None:
     if device.startswith("cuda"):
         torch.cuda.synchronize()
-
-
-def profiled_peak_mb(fn: Callable[[], None]) -> float:
-    """Peak live CPU tensor memory (MB) during ``fn`` from the profiler's allocation timeline."""
-    from torch.profiler import ProfilerActivity, profile
-    from torch.profiler._memory_profiler import Action
-
-    with profile(activities=[ProfilerActivity.CPU], profile_memory=True, record_shapes=True, with_stack=True) as prof:
-        fn()
-    cur = peak = 0
-    for _, action, _, size in prof._memory_profile().timeline:
-        if action == Action.CREATE:
-            cur += size
-        elif action == Action.DESTROY:
-            cur -= size
-        peak = max(peak, cur)
-    return peak / 2**20
 
 
 def bench_case(kind: str, n: int, dim: int, batch: int, steps: int, device: str) -> dict:

@@ -13,6 +13,7 @@ import nibabel as nib
 import numpy as np
 import pytest
 import torch
+from _geometry import oblique_affine
 from pydicom.dataset import Dataset, FileMetaDataset
 from pydicom.uid import CTImageStorage, ExplicitVRLittleEndian, generate_uid
 
@@ -39,18 +40,6 @@ REPO = Path(__file__).resolve().parents[1]
 # An LPS, anisotropic, non-cubic grid with the phantom inside it (origin = the RAS corner of voxel 0).
 LPS_AFFINE = np.array([[-4.0, 0, 0, 90.0], [0, -5.0, 0, 95.0], [0, 0, 8.0, -84.0], [0, 0, 0, 1]])
 LPS_SHAPE = (44, 38, 22)
-
-
-def _oblique_affine(shape) -> np.ndarray:
-    """Rotated (about 20 and 10 degrees), anisotropic, L-flipped grid centred on the world origin."""
-    a, b = np.deg2rad(20), np.deg2rad(10)
-    rz = np.array([[np.cos(a), -np.sin(a), 0], [np.sin(a), np.cos(a), 0], [0, 0, 1]])
-    rx = np.array([[1, 0, 0], [0, np.cos(b), -np.sin(b)], [0, np.sin(b), np.cos(b)]])
-    m = rz @ rx @ np.diag([-3.5, 3.0, 4.5])
-    aff = np.eye(4)
-    aff[:3, :3] = m
-    aff[:3, 3] = -m @ ((np.asarray(shape) - 1) / 2)
-    return aff
 
 
 def _world_centroid(label: np.ndarray, affine: np.ndarray, value: int) -> np.ndarray:
@@ -108,7 +97,7 @@ def test_phantom_anatomy_is_defined_in_world_mm():
     assert orientation_from_affine(lps) == "LPS"
     # an oblique anisotropic grid: organs keep their superior-inferior order and their volume in mm^3
     obl_shape = (46, 52, 36)
-    obl = _oblique_affine(obl_shape)
+    obl = oblique_affine(obl_shape)
     _, l_obl = make_phantom(seed, obl_shape, obl)
     vox_ras, vox_obl = np.prod(spacing_from_affine(ras)), abs(np.linalg.det(obl[:3, :3]))
     for lab, aff in ((l_ras.array[0], ras), (l_obl.array[0], obl)):

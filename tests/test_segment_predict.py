@@ -7,6 +7,7 @@ import monai  # noqa: F401  (imported once per session)
 import numpy as np
 import pytest
 import torch
+from _geometry import oblique_affine
 
 from medcl.core.geometry import Volume, affine_from_itk, orientation_from_affine, spacing_from_affine
 from medcl.data import PreprocessingPlan, make_phantom
@@ -24,18 +25,6 @@ def _one_thread():
     torch.set_num_threads(1)
     yield
     torch.set_num_threads(n)
-
-
-def _oblique_affine(shape) -> np.ndarray:
-    """Rotated (20 and 10 degrees), anisotropic (3.5 x 3 x 4.5 mm), L-flipped grid centred on the origin."""
-    a, b = np.deg2rad(20), np.deg2rad(10)
-    rz = np.array([[np.cos(a), -np.sin(a), 0], [np.sin(a), np.cos(a), 0], [0, 0, 1]])
-    rx = np.array([[1, 0, 0], [0, np.cos(b), -np.sin(b)], [0, np.sin(b), np.cos(b)]])
-    m = rz @ rx @ np.diag([-3.5, 3.0, 4.5])
-    aff = np.eye(4)
-    aff[:3, :3] = m
-    aff[:3, 3] = -m @ ((np.asarray(shape) - 1) / 2)
-    return aff
 
 
 def nearest_level_logits(x: torch.Tensor, k: int = 4) -> torch.Tensor:
@@ -71,7 +60,7 @@ def test_sliding_window_and_mirror_tta_stitch_exactly():
 
 def test_predict_round_trip_oblique_non_ras_phantom_is_voxel_exact():
     shape = (30, 26, 20)
-    aff = _oblique_affine(shape)
+    aff = oblique_affine(shape)
     assert orientation_from_affine(aff) != "RAS" and len(set(np.round(spacing_from_affine(aff), 3))) == 3
     _, lab = make_phantom(5, shape, aff)
     image = Volume((lab.array.astype(np.float32) * STEP), aff)
