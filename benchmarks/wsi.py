@@ -2,7 +2,7 @@
 
     python benchmarks/wsi.py [--slide S.svs] [--workers 1 2 4] [--repeats 3] [--mpp 0.5] [--size 256]
 
-The slide is tiled with ``medcl.mil.tiling`` (tissue threshold 0, overlap half a tile, so the benchmark
+The slide is tiled with ``medcl.wsi.tiling`` (tissue threshold 0, overlap half a tile, so the benchmark
 reads many tiles even from a small slide); then every tile is read ``repeats`` times by (a) a plain loop in
 this process and (b) ``torch.utils.data.DataLoader`` with each worker count (each worker opens its own
 slide handle). Reported: tiles/s and the speed-up over the loop. Without ``--slide`` it uses
@@ -48,9 +48,9 @@ def bench_tile_reading(
     slide: Path, workers: list[int], repeats: int = 3, mpp: float = 0.5, size: int = 256, batch_size: int = 32
 ) -> dict:
     """tiles/s of the single-process loop and of the DataLoader per worker count."""
-    from medcl.mil.extract import TileDataset, tile_loader
-    from medcl.mil.tile_io import load_tile_set
-    from medcl.mil.tiling import TilingParams, tile_slides
+    from medcl.wsi.extract import TileDataset, tile_loader
+    from medcl.wsi.tile_io import load_tile_set
+    from medcl.wsi.tiling import TilingParams, tile_slides
 
     with tempfile.TemporaryDirectory() as tmp:
         params = TilingParams(mpp=mpp, size=size, overlap=size // 2, tissue_threshold=0.0, thumbnail_size=1024)

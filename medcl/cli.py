@@ -9,6 +9,7 @@ import sys
 
 from medcl import __version__
 from medcl.core.errors import MedclError
+from medcl.core.logs import configure_logging
 
 # Modules exposing ``register(subparsers)``; each adds one top-level subcommand.
 _JOB_MODULES = [
@@ -17,8 +18,10 @@ _JOB_MODULES = [
     "medcl.mil.cli",
     "medcl.segment.cli",
     "medcl.report.cli",
-    "medcl.demo",
+    "medcl.demo_cli",
 ]
+# Modules whose ``register(group)`` adds subcommands to another job's command: (module, command).
+_GROUP_MODULES = [("medcl.wsi.cli", "mil")]
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -29,12 +32,18 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--version", action="version", version=f"medcl {__version__}")
     sub = parser.add_subparsers(dest="command", metavar="COMMAND")
     sub.required = True
+    groups = {}
     for name in _JOB_MODULES:
-        importlib.import_module(name).register(sub)
+        group = importlib.import_module(name).register(sub)
+        if group is not None:
+            groups[name.split(".")[1]] = group
+    for name, command in _GROUP_MODULES:
+        importlib.import_module(name).register(groups[command])
     return parser
 
 
 def main(argv: list[str] | None = None) -> int:
+    configure_logging()
     parser = build_parser()
     args, extra = parser.parse_known_args(argv)
     if extra and not getattr(args, "accepts_overrides", False):

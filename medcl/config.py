@@ -18,6 +18,7 @@ from typing import Any, TypeVar, Union
 import yaml
 
 from medcl.core.errors import MedclConfigError
+from medcl.core.files import atomic_write_text
 
 T = TypeVar("T")
 
@@ -190,4 +191,22 @@ def load_config(cls: type[T], path: str | Path | None, overrides: list[str] | No
 
 def save_config(obj: Any, path: str | Path) -> None:
     """Write the resolved config as YAML."""
-    Path(path).write_text(yaml.safe_dump(to_dict(obj), sort_keys=False))
+    atomic_write_text(yaml.safe_dump(to_dict(obj), sort_keys=False), path)
+
+
+def parse_int_list(text: str, key: str) -> list[int]:
+    """A comma-separated list of integers from the command line: ``"0,1, 2"`` -> ``[0, 1, 2]``.
+
+    Raises:
+        MedclConfigError: naming ``key`` (the flag or config key), for an empty list or an item that is not an
+            integer.
+    """
+    items = [t.strip() for t in str(text).split(",")]
+    try:
+        values = [int(t) for t in items if t]
+    except ValueError:
+        bad = next(t for t in items if t and not t.lstrip("+-").isdigit())
+        raise MedclConfigError(key, f"expected comma-separated integers, got {bad!r} in {text!r}") from None
+    if not values:
+        raise MedclConfigError(key, f"expected comma-separated integers, got {text!r}")
+    return values

@@ -15,13 +15,19 @@ the folder into one HTML page.
 from __future__ import annotations
 
 import json
+import logging
 import math
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
 import numpy as np
+
+from medcl.core.device import resolve_device
+from medcl.core.files import atomic_write_json, atomic_write_text
+
+log = logging.getLogger(__name__)
 
 RECIPES = Path(__file__).resolve().parent / "recipes"
 INITS = ("pretrained", "random")
@@ -59,10 +65,8 @@ def run_demo(
     finetune_steps: int | None = None,
     seeds: Sequence[int] = (0, 1),
     progress: bool = True,
-    log: Callable[[str], None] = print,
 ) -> dict[str, Any]:
     """Run the demo into ``out``; returns the summary (also ``out/summary.json``)."""
-    import torch
 
     from medcl.data import load_manifest, write_phantom_dataset
     from medcl.pretrain.run import run_pretrain
@@ -78,7 +82,7 @@ def run_demo(
 
     def stage(text: str) -> None:
         step[0] += 1
-        log(f"[{step[0]}/{steps_total}] {text} ({time.time() - t0:.0f} s)")
+        log.info("[%d/%d] %s (%.0f s)", step[0], steps_total, text, time.time() - t0)
 
     if not on_data:
         stage(f"writing {n_phantoms} synthetic phantoms of {phantom_size}^3 voxels")
@@ -94,7 +98,7 @@ def run_demo(
 
         raise MedclDataError(data, f"the demo needs at least {n_test + n_labelled + 2} labelled volumes, found {len(ids)}")
     split = make_split(ids, n_test, n_labelled, seed=0)
-    (out / "split.json").write_text(json.dumps(split, indent=1))
+    atomic_write_json(split, out / "split.json")
 
     kind = "data" if on_data else "phantoms"
     pre_cfg = _recipe(f"demo_pretrain_{kind}.yaml")
@@ -118,8 +122,7 @@ def run_demo(
                 summary = json.loads((run_dir / "summary.json").read_text())
             else:
                 res = run_finetune(cfg, data, run_dir, selection=CaseSelection(train=split["labelled"], test=split["test"],
-                                   budget=n_labelled, source="demo"), device=device, progress=progress,
-                                   log=lambda *_: None)
+                                   budget=n_labelled, source="demo"), device=device, progress=progress)
                 summary = res.summary
             results[init].append({"seed": seed, "run": run_dir.name, **summary["test"]})
     stage("testing, plotting and writing the summary")
@@ -133,13 +136,13 @@ def run_demo(
         "results": results,
         "table": table,
         "seconds": round(time.time() - t0, 1),
-        "device": "cuda" if (device in ("auto", "cuda") and torch.cuda.is_available()) else "cpu",
+        "device": resolve_device(device).type,
     }
-    (out / "summary.json").write_text(json.dumps(summary, indent=1))
-    (out / "summary.md").write_text(_markdown(table, summary))
+    atomic_write_json(summary, out / "summary.json")
+    atomic_write_text(_markdown(table, summary), out / "summary.md")
     _plot_dice(per_case, out / "dice.png")
     _plot_examples(out, data, split["test"][:3], out / "examples.png")
-    log(_markdown(table, summary))
+    log.info("%s", _markdown(table, summary))
     return summary
 
 
@@ -195,6 +198,8 @@ def _plot_dice(per_case: dict[str, list[float]], path: Path) -> None:
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
+    from medcl.engine.plots import save_figure
+
     fig, ax = plt.subplots(figsize=(4.5, 3.6))
     data = [per_case[i] for i in INITS]
     ax.boxplot(data, widths=0.5, showfliers=False)
@@ -206,8 +211,7 @@ def _plot_dice(per_case: dict[str, list[float]], path: Path) -> None:
     ax.set_title("Fine-tuned with 2 labelled volumes", fontsize=10)
     ax.grid(alpha=0.3, axis="y")
     fig.tight_layout()
-    fig.savefig(path, dpi=120)
-    plt.close(fig)
+    save_figure(fig, path, dpi=120)
 
 
 def _plot_examples(out: Path, data: str | Path, cases: list[str], path: Path) -> None:
@@ -219,6 +223,7 @@ def _plot_examples(out: Path, data: str | Path, cases: list[str], path: Path) ->
     import torch
 
     from medcl.data import load_case, load_manifest
+    from medcl.engine.plots import save_figure
     from medcl.segment.inference import logits_fn
     from medcl.segment.predict import load_model, predict_volume
 
@@ -244,32 +249,4 @@ def _plot_examples(out: Path, data: str | Path, cases: list[str], path: Path) ->
             ax.set_title(f"{case_id}: {title}", fontsize=8)
             ax.axis("off")
     fig.tight_layout()
-    fig.savefig(path, dpi=110)
-    plt.close(fig)
-
-
-def register(subparsers: Any) -> None:
-    """The ``medcl demo`` subcommand."""
-    p = subparsers.add_parser(
-        "demo",
-        help="the whole label-efficient pipeline on synthetic phantoms (or --data) in a few minutes",
-        description="Generate phantoms (or read --data), pretrain gd+local on the unlabelled volumes, fine-tune "
-        "with 2 labelled volumes from the pretrained and from random weights, test, and write a table, "
-        "dice.png and examples.png.",
-    )
-    p.add_argument("--out", default="runs/demo", help="output folder (default runs/demo)")
-    p.add_argument("--device", default="auto", help="auto (GPU when available), cpu or cuda")
-    p.add_argument("--data", help="an MSD-style dataset instead of the phantoms (e.g. ../shared/data/hippocampus)")
-    p.add_argument("--pretrain-steps", type=int, help="override the recipe's pretraining steps")
-    p.add_argument("--finetune-steps", type=int, help="override the recipe's fine-tuning steps")
-    p.add_argument("--seeds", default="0,1", help="fine-tuning seeds, comma-separated (default 0,1)")
-    p.add_argument("--no-progress", action="store_true", help="no progress bars")
-    p.set_defaults(func=_cmd_demo)
-
-
-def _cmd_demo(args: Any) -> int:
-    seeds = [int(s) for s in str(args.seeds).split(",") if s.strip()]
-    run_demo(args.out, args.device, args.data, pretrain_steps=args.pretrain_steps, finetune_steps=args.finetune_steps,
-             seeds=seeds, progress=not args.no_progress)
-    print(f"medcl demo: done; see {args.out}/summary.md, dice.png, examples.png (medcl report {args.out} for one page)")
-    return 0
+    save_figure(fig, path, dpi=110)

@@ -23,7 +23,7 @@ def test_split_keeps_test_out_of_labelled_and_pool():
 def test_demo_writes_table_and_figures(tmp_path):
     out = tmp_path / "demo"
     summary = run_demo(out, device="cpu", n_phantoms=8, phantom_size=24, n_test=3, pretrain_steps=3,
-                       finetune_steps=3, seeds=(0,), progress=False, log=lambda *_: None)
+                       finetune_steps=3, seeds=(0,), progress=False)
     assert summary["kind"] == "demo" and summary["split"] == {"test": 3, "labelled": 2, "pool": 5}
     inits = [r["init"] for r in summary["table"]]
     assert inits == ["pretrained", "random"]

@@ -16,10 +16,10 @@ from medcl.mil.augment import subsample_instances
 from medcl.mil.bags import Bag, BagDataset, collate_bags
 from medcl.mil.config import MILConfig
 from medcl.mil.heads import TrainingInfo, build_head
-from medcl.mil.ins import INSHead
+from medcl.mil.heads.ins import INSHead
 from medcl.mil.metrics import binary_auc
 from medcl.mil.sampling import BagBatchSampler
-from medcl.mil.scmil import SCMILHead, transition_weight
+from medcl.mil.heads.scmil import SCMILHead, transition_weight
 from medcl.mil.train import evaluate, fit_head
 
 D = 8

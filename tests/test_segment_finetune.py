@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import csv
 import json
+import logging
 
 import lightning as L
 import monai  # noqa: F401  (imported once per session)
@@ -185,13 +186,12 @@ def test_resume_after_kill_matches_an_uninterrupted_run(ws, tmp_path):
     sel = CaseSelection(train=ws["split"].labelled(2), test=[])
     with pytest.raises(RuntimeError, match="killed"):
         run_finetune(cfg, ws["data"], tmp_path / "a", selection=sel, device="cpu", progress=False,
-                     callbacks=[_Kill()], log=lambda s: None)
+                     callbacks=[_Kill()])
     assert torch.load(tmp_path / "a" / "checkpoints" / "last.ckpt", weights_only=True)["global_step"] == 3
     with pytest.raises(MedclConfigError, match="--resume"):
         run_finetune(cfg, ws["data"], tmp_path / "a", selection=sel, device="cpu", progress=False)
-    run_finetune(cfg, ws["data"], tmp_path / "a", selection=sel, device="cpu", progress=False, resume=True,
-                 log=lambda s: None)
-    run_finetune(cfg, ws["data"], tmp_path / "b", selection=sel, device="cpu", progress=False, log=lambda s: None)
+    run_finetune(cfg, ws["data"], tmp_path / "a", selection=sel, device="cpu", progress=False, resume=True)
+    run_finetune(cfg, ws["data"], tmp_path / "b", selection=sel, device="cpu", progress=False)
     a = torch.load(tmp_path / "a" / "model.pt", weights_only=True)["state_dict"]
     b = torch.load(tmp_path / "b" / "model.pt", weights_only=True)["state_dict"]
     assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
@@ -217,7 +217,7 @@ def test_paired_bootstrap_and_report_tables(tmp_path):
     assert "| pre | +0.100 [+0.100, +0.100] |" in text
 
 
-def test_label_efficiency_benchmark_runs_reports_and_resumes(ws, tmp_path):
+def test_label_efficiency_benchmark_runs_reports_and_resumes(ws, tmp_path, caplog):
     cfg = {
         "finetune": {"backbone": to_dict(ARCH), "data": {"plan": {"spacing": [VOXEL] * 3}}, "threads": 1,
                      "sampling": {"patch_size": [16, 16, 16], "batch_size": 2},
@@ -232,11 +232,12 @@ def test_label_efficiency_benchmark_runs_reports_and_resumes(ws, tmp_path):
 
     (tmp_path / "bench.yaml").write_text(yaml.safe_dump(cfg))
     out = tmp_path / "bench"
-    logs: list[str] = []
     from medcl.segment.benchmark import load_benchmark_config, run_label_efficiency
 
     bcfg, base = load_benchmark_config(tmp_path / "bench.yaml")
-    rows = run_label_efficiency(bcfg, base, str(ws["data"]), out, device="cpu", log=logs.append)
+    caplog.set_level(logging.INFO, logger="medcl.segment.benchmark")
+    rows = run_label_efficiency(bcfg, base, str(ws["data"]), out, device="cpu")
+    logs = [r.getMessage() for r in caplog.records]
     # 2 inits x (N=2: 2 sweep LRs + 1 run; full (4 volumes): 2 sweep LRs + 1 run) = 12 fine-tunes
     assert any(line.startswith("[12/12]") for line in logs)
     assert len(rows) == 2 * 2 * 2  # inits x budgets (2, full) x test cases
@@ -253,7 +254,8 @@ def test_label_efficiency_benchmark_runs_reports_and_resumes(ws, tmp_path):
     assert {r["init"] for r in table} == {"random", "pre"} and {r["budget"] for r in table} == {"2", "full"}
     assert all(r["lr_rule"] == "validation" for r in table)
     # a rerun skips every finished run and reproduces the tables
-    logs2: list[str] = []
-    run_label_efficiency(bcfg, base, str(ws["data"]), out, device="cpu", log=logs2.append)
+    caplog.clear()
+    run_label_efficiency(bcfg, base, str(ws["data"]), out, device="cpu")
+    logs2 = [r.getMessage() for r in caplog.records]
     assert sum("skipped" in line for line in logs2) == 12
     assert (out / "results.md").read_text() == md

@@ -112,7 +112,7 @@ def test_predict_dicom_series_in_series_geometry(shared_data, tmp_path):
 
     model = SegmentationModel(Threshold(), plan, InferenceConfig(), (32, 32, 8), 2, {0: "background", 1: "body"},
                               {}, tmp_path)
-    out = predict_to_folder(model, series, tmp_path / "pred", log=lambda s: None)
+    out = predict_to_folder(model, series, tmp_path / "pred")
     assert len(out) == 1
     pred = read_volume(out[0], is_label=True)
     assert pred.shape == tuple(ref.GetSize())

@@ -20,10 +20,10 @@ from PIL import Image
 from medcl.cli import main
 from medcl.core.errors import MedclDataError
 from medcl.io.slide import open_slide
-from medcl.mil.encoders import build_encoder
-from medcl.mil.extract import TileDataset
-from medcl.mil.tile_io import load_tile_set
-from medcl.mil.tiling import choose_level
+from medcl.wsi.encoders import build_encoder
+from medcl.wsi.extract import TileDataset
+from medcl.wsi.tile_io import load_tile_set
+from medcl.wsi.tiling import choose_level
 
 CMU = "wsi/CMU-1-Small-Region.svs"
 LEVEL_MPPS = (0.25, 0.5, 1.0)
@@ -283,7 +283,7 @@ def test_unknown_encoder_and_missing_optional_package_are_clear(tmp_path):
 
 
 def test_tile_tissue_fraction_matches_loop():
-    from medcl.mil.tissue import tile_tissue_fraction
+    from medcl.wsi.tissue import tile_tissue_fraction
 
     rng = np.random.default_rng(0)
     mask = rng.random((50, 70)) > 0.6

@@ -29,9 +29,11 @@ def environment() -> dict[str, str]:
             except ImportError:
                 continue
         env[mod] = str(getattr(m, "__version__", getattr(m, "Version", lambda: "?")))
-    torch = sys.modules.get("torch")
-    if torch is not None and torch.cuda.is_available():
-        env["cuda_device"] = torch.cuda.get_device_name(0)
+    if "torch" in sys.modules:  # only when torch is in use already: the record must not import it
+        from medcl.core.device import cuda_available
+
+        if cuda_available():
+            env["cuda_device"] = sys.modules["torch"].cuda.get_device_name(0)
     return env
 
 

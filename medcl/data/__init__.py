@@ -14,8 +14,9 @@ Names are loaded lazily (PEP 562): ``import medcl.data`` imports neither MONAI n
 
 from __future__ import annotations
 
-import importlib
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING
+
+from medcl.core.lazy import lazy_exports
 
 if TYPE_CHECKING:
     from medcl.data.cases import inspect_case, load_case
@@ -64,15 +65,4 @@ __all__ = [
     "write_phantom_dataset",
 ]
 
-
-def __getattr__(name: str) -> Any:
-    module = _LAZY.get(name)
-    if module is None:
-        raise AttributeError(f"module 'medcl.data' has no attribute '{name}'")
-    value = getattr(importlib.import_module(module), name)
-    globals()[name] = value
-    return value
-
-
-def __dir__() -> list[str]:
-    return sorted(set(globals()) | set(_LAZY))
+__getattr__, __dir__ = lazy_exports(__name__, _LAZY)

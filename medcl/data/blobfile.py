@@ -14,13 +14,13 @@ any fixed-size dtype. Tuples come back as lists.
 from __future__ import annotations
 
 import json
-import os
 import struct
-import tempfile
 from pathlib import Path
 from typing import Any
 
 import torch
+
+from medcl.core.files import atomic_path
 
 __all__ = ["write_blob", "read_blob"]
 
@@ -60,26 +60,13 @@ def write_blob(obj: Any, path: str | Path) -> None:
                       "nbytes": nbytes})
         offset += -(-nbytes // _ALIGN) * _ALIGN
     header = json.dumps({"object": skeleton, "tensors": specs}).encode()
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-    try:
-        with os.fdopen(fd, "wb") as f:
-            start = len(MAGIC) + 8 + len(header)
-            pad = -start % _ALIGN
-            f.write(MAGIC + struct.pack("<Q", len(header) + pad) + header + b" " * pad)
-            for t, spec in zip(tensors, specs):
-                f.write(t.reshape(-1).view(torch.uint8).numpy().tobytes() if t.numel() else b"")
-                f.write(b"\0" * (-spec["nbytes"] % _ALIGN))
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        try:
-            os.unlink(tmp)
-        except FileNotFoundError:
-            pass
-        raise
+    with atomic_path(path) as tmp, open(tmp, "wb") as f:
+        start = len(MAGIC) + 8 + len(header)
+        pad = -start % _ALIGN
+        f.write(MAGIC + struct.pack("<Q", len(header) + pad) + header + b" " * pad)
+        for t, spec in zip(tensors, specs):
+            f.write(t.reshape(-1).view(torch.uint8).numpy().tobytes() if t.numel() else b"")
+            f.write(b"\0" * (-spec["nbytes"] % _ALIGN))
 
 
 def read_blob(path: str | Path) -> Any:

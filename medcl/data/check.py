@@ -15,7 +15,6 @@ from __future__ import annotations
 
 import sys
 from os import PathLike
-from pathlib import Path
 from typing import Any
 
 import numpy as np
@@ -174,8 +173,6 @@ def format_info(info: dict[str, Any]) -> str:
 
 def write_json(obj: dict[str, Any], path: str | PathLike) -> None:
     """Write a report as JSON (parent folders created)."""
-    import json
+    from medcl.core.files import atomic_write_json
 
-    p = Path(path)
-    p.parent.mkdir(parents=True, exist_ok=True)
-    p.write_text(json.dumps(obj, indent=1))
+    atomic_write_json(obj, path)

@@ -47,9 +47,12 @@ def register(subparsers: argparse._SubParsersAction) -> None:
 
 
 def _size(text: str) -> tuple[int, int, int]:
+    from medcl.config import parse_int_list
+    from medcl.core.errors import MedclConfigError
+
     try:
-        parts = [int(x) for x in text.split(",")]
-    except ValueError as exc:
+        parts = parse_int_list(text, "--size")
+    except MedclConfigError as exc:
         raise argparse.ArgumentTypeError(f"size must be S or X,Y,Z integers, got {text!r}") from exc
     if len(parts) == 1:
         parts = parts * 3

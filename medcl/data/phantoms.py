@@ -27,13 +27,13 @@ computed in float64 with vectorised NumPy, so a seed gives identical bytes on ev
 
 from __future__ import annotations
 
-import json
 from collections.abc import Sequence
 from pathlib import Path
 
 import numpy as np
 
 from medcl.core.errors import MedclDataError
+from medcl.core.files import atomic_write_json
 from medcl.core.geometry import Volume
 
 __all__ = [
@@ -311,5 +311,5 @@ def write_phantom_dataset(
         "test": [],
         "medcl": {"generator": "medcl.data.phantoms", "seed": int(seed), "size": list(shape)},
     }
-    (root / "dataset.json").write_text(json.dumps(desc, indent=1))
+    atomic_write_json(desc, root / "dataset.json")
     return root

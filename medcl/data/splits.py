@@ -40,6 +40,7 @@ from typing import TYPE_CHECKING, Any
 import numpy as np
 
 from medcl.core.errors import MedclConfigError, MedclDataError
+from medcl.core.files import atomic_write_json
 
 if TYPE_CHECKING:
     from medcl.data.manifest import Manifest
@@ -111,12 +112,8 @@ class LabelBudgetSplit:
 
     def save(self, path: str | os.PathLike) -> Path:
         """Write the split as JSON (atomically: a temp file in the same folder, then renamed)."""
-        p = Path(path)
-        p.parent.mkdir(parents=True, exist_ok=True)
-        tmp = p.with_name(f".{p.name}.tmp")
-        tmp.write_text(json.dumps(self.to_dict(), indent=1))
-        os.replace(tmp, p)
-        return p
+        atomic_write_json(self.to_dict(), path)
+        return Path(path)
 
     @classmethod
     def from_dict(cls, d: Any, source: str = "split") -> LabelBudgetSplit:

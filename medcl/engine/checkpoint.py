@@ -3,15 +3,14 @@
 Why not Lightning's own writer: ``lightning.fabric.utilities.cloud_io._atomic_save`` writes through an
 fsspec transaction whose local implementation stages the bytes in the *system* temp directory and then
 ``shutil.move``\\s them; when ``/tmp`` and the run directory are on different filesystems that move is a copy,
-and a SIGKILL during it leaves a truncated checkpoint under the final name. We stage next to the target and
-``os.replace`` (atomic on POSIX within one filesystem), and fsync before the rename.
+and a SIGKILL during it leaves a truncated checkpoint under the final name. We stage next to the target,
+through :mod:`medcl.core.files` (the one atomic writer of medcl).
 """
 
 from __future__ import annotations
 
 import io
 import os
-import tempfile
 from pathlib import Path
 from typing import Any
 
@@ -19,25 +18,9 @@ import torch
 from lightning.fabric.plugins.io.torch_io import TorchCheckpointIO
 
 from medcl.core.errors import MedclDataError
+from medcl.core.files import atomic_write_bytes
 
-
-def atomic_write_bytes(data: bytes, path: str | os.PathLike) -> None:
-    """Write ``data`` to ``path`` atomically: temp file in the same folder, fsync, ``os.replace``."""
-    target = Path(path)
-    target.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{target.name}.", suffix=".tmp", dir=target.parent)
-    try:
-        with os.fdopen(fd, "wb") as f:
-            f.write(data)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, target)
-    except BaseException:
-        try:
-            os.unlink(tmp)
-        except FileNotFoundError:
-            pass
-        raise
+__all__ = ["atomic_write_bytes", "atomic_torch_save", "safe_torch_load", "AtomicCheckpointIO"]
 
 
 def atomic_torch_save(obj: Any, path: str | os.PathLike) -> None:

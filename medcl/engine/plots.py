@@ -9,6 +9,8 @@ from pathlib import Path
 
 import matplotlib
 
+from medcl.core.files import atomic_path
+
 matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402
 
@@ -67,8 +69,15 @@ def plot_curves(
     if title:
         fig.suptitle(title, fontsize=10)
     fig.tight_layout()
-    out = Path(out_png)
-    out.parent.mkdir(parents=True, exist_ok=True)
-    fig.savefig(out, dpi=110)
-    plt.close(fig)
+    return save_figure(fig, out_png, dpi=110)
+
+
+def save_figure(fig, path: str | Path, dpi: int = 110) -> Path:
+    """Write a matplotlib figure as PNG atomically and close it (every plot medcl writes goes through here)."""
+    out = Path(path)
+    try:
+        with atomic_path(out, suffix=".png") as tmp:
+            fig.savefig(tmp, dpi=dpi, format="png")
+    finally:
+        plt.close(fig)
     return out

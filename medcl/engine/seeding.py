@@ -13,6 +13,8 @@ import random
 import numpy as np
 import torch
 
+from medcl.core.device import cuda_available
+
 
 def sample_seed(seed: int, epoch: int, index: int, salt: str = "") -> int:
     """A 63-bit seed derived from ``(seed, epoch, index, salt)`` (stable across processes and runs)."""
@@ -48,7 +50,7 @@ def rng_state() -> dict[str, torch.Tensor]:
         "numpy_has_gauss": torch.tensor(np_state[3]),
         "numpy_gauss": torch.tensor(np_state[4], dtype=torch.float64),
     }
-    if torch.cuda.is_available():
+    if cuda_available():
         state["cuda"] = torch.stack(torch.cuda.get_rng_state_all())
     return state
 
@@ -69,5 +71,5 @@ def set_rng_state(state: dict[str, torch.Tensor]) -> None:
             float(state["numpy_gauss"]),
         )
     )
-    if "cuda" in state and torch.cuda.is_available():
+    if "cuda" in state and cuda_available():
         torch.cuda.set_rng_state_all(list(state["cuda"].cpu()))

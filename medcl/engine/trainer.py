@@ -20,6 +20,7 @@ from typing import Any, Literal
 
 import torch
 
+from medcl.core.device import lightning_accelerator
 from medcl.core.errors import MedclConfigError
 
 
@@ -71,17 +72,9 @@ class TrainerConfig:
 
 
 def resolve_accelerator(device: str) -> str:
-    """``auto | cpu | cuda | gpu`` -> Lightning accelerator name; errors when CUDA is asked but absent."""
-    device = (device or "auto").lower()
-    if device == "auto":
-        return "gpu" if torch.cuda.is_available() else "cpu"
-    if device in ("cuda", "gpu"):
-        if not torch.cuda.is_available():
-            raise MedclConfigError("device", "CUDA was requested but torch sees no GPU")
-        return "gpu"
-    if device == "cpu":
-        return "cpu"
-    raise MedclConfigError("device", f"expected auto, cpu or cuda, got {device!r}")
+    """``auto | cpu | cuda | gpu`` -> Lightning accelerator name (:func:`medcl.core.device.lightning_accelerator`);
+    errors when CUDA is asked but absent."""
+    return lightning_accelerator(device)
 
 
 def cpu_has_bf16() -> bool:
@@ -141,8 +134,10 @@ def make_trainer(
     from lightning.pytorch.loggers import CSVLogger, TensorBoardLogger
     from lightning.pytorch.strategies import DDPStrategy
 
+    from medcl.core.logs import quiet_third_party
     from medcl.engine.checkpoint import AtomicCheckpointIO
 
+    quiet_third_party()
     out = Path(out_dir)
     accelerator = resolve_accelerator(device)
     if cfg.devices == "auto":

@@ -15,8 +15,9 @@ The names are loaded lazily (PEP 562) so that ``import medcl.io`` does not impor
 
 from __future__ import annotations
 
-import importlib
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING
+
+from medcl.core.lazy import lazy_exports
 
 if TYPE_CHECKING:
     from medcl.io.dicom import list_dicom_series
@@ -32,15 +33,4 @@ _LAZY = {
 
 __all__ = ["detect_format", "list_dicom_series", "read_volume", "write_nifti"]
 
-
-def __getattr__(name: str) -> Any:
-    module = _LAZY.get(name)
-    if module is None:
-        raise AttributeError(f"module 'medcl.io' has no attribute '{name}'")
-    value = getattr(importlib.import_module(module), name)
-    globals()[name] = value
-    return value
-
-
-def __dir__() -> list[str]:
-    return sorted(set(globals()) | set(_LAZY))
+__getattr__, __dir__ = lazy_exports(__name__, _LAZY)

@@ -22,6 +22,7 @@ import nibabel as nib
 import numpy as np
 
 from medcl.core.errors import MedclDataError
+from medcl.core.files import atomic_path
 
 _AFFINE_SOURCE = {True: "sform", False: "qform"}
 _EXACT_KEY = "medcl_affine_float64"  # JSON key of the exact-affine comment extension
@@ -183,8 +184,9 @@ def write_nifti(volume: Any, path: str | PathLike) -> None:
     img.set_qform(affine, code=0 if _has_shear(affine) else 1)
     payload = json.dumps({_EXACT_KEY: affine.tolist()})  # json writes floats with repr: exact
     hdr.extensions.append(nib.nifti1.Nifti1Extension("comment", payload.encode()))
-    path.parent.mkdir(parents=True, exist_ok=True)
+    suffix = ".nii.gz" if path.name.endswith(".gz") else ".nii"
     try:
-        nib.save(img, str(path))
+        with atomic_path(path, suffix=suffix) as tmp:
+            nib.save(img, str(tmp))
     except OSError as exc:
         raise MedclDataError(path, f"cannot write NIfTI file ({_reason(exc)})") from exc

@@ -1,9 +1,9 @@
 """Multiple-instance learning on bags of patch features (whole slides, classic MIL tables).
 
-Bags with masks (:mod:`medcl.mil.bags`), mask-aware multi-class MIL heads (:mod:`medcl.mil.heads`:
-mean / max pooling, ABMIL and gated ABMIL, TransMIL, DSMIL, CLAM-SB), INS (:mod:`medcl.mil.ins`),
-SC-MIL (:mod:`medcl.mil.scmil`) and cross-validated training (:mod:`medcl.mil.train`, ``medcl mil train``).
-Whole-slide tiling, feature extraction and heatmaps live beside them (``tiling``, ``extract``, ``heatmap``).
+Bags with masks (:mod:`medcl.mil.bags`), mask-aware multi-class MIL heads in one registry
+(:mod:`medcl.mil.heads`: mean / max pooling, ABMIL and gated ABMIL, TransMIL, DSMIL, CLAM-SB, INS, SC-MIL),
+cross-validated training (:mod:`medcl.mil.train`, ``medcl mil train``) and heatmaps of a trained model
+(:mod:`medcl.mil.heatmap`). Slides, tiles and patch features are :mod:`medcl.wsi`'s job.
 
 The package import is light (``medcl --help`` imports :mod:`medcl.mil.cli`); the public names below are
 imported on first use.
@@ -11,8 +11,7 @@ imported on first use.
 
 from __future__ import annotations
 
-import importlib
-from typing import Any
+from medcl.core.lazy import lazy_exports
 
 _LAZY = {
     "Bag": "medcl.mil.bags",
@@ -23,9 +22,9 @@ _LAZY = {
     "MILOutput": "medcl.mil.heads",
     "MILHead": "medcl.mil.heads",
     "build_head": "medcl.mil.heads",
-    "HEADS": "medcl.mil.heads",
-    "INSHead": "medcl.mil.ins",
-    "SCMILHead": "medcl.mil.scmil",
+    "head_names": "medcl.mil.heads",
+    "INSHead": "medcl.mil.heads.ins",
+    "SCMILHead": "medcl.mil.heads.scmil",
     "MILConfig": "medcl.mil.config",
     "fit_head": "medcl.mil.train",
     "evaluate": "medcl.mil.train",
@@ -36,8 +35,4 @@ _LAZY = {
 
 __all__ = sorted(_LAZY)
 
-
-def __getattr__(name: str) -> Any:
-    if name in _LAZY:
-        return getattr(importlib.import_module(_LAZY[name]), name)
-    raise AttributeError(f"module 'medcl.mil' has no attribute '{name}'")
+__getattr__, __dir__ = lazy_exports(__name__, _LAZY)

@@ -1,12 +1,10 @@
-"""``medcl mil``: MIL subcommands. ``train`` lives here; the whole-slide ones (``tile``, ``extract``,
-``pretrain-encoder``, ``heatmap``) are registered by :mod:`medcl.mil.wsi_cli`. Light module: the handlers
-import torch and the rest when they run."""
+"""``medcl mil``: MIL subcommands. ``train`` and ``heatmap`` live here; the whole-slide ones (``tile``,
+``extract``, ``pretrain-encoder``) are registered into the same command group by :mod:`medcl.wsi.cli` (see
+:mod:`medcl.cli`). Light module: the handlers import torch and the rest when they run."""
 
 from __future__ import annotations
 
 import argparse
-
-from medcl.mil import wsi_cli
 
 _TRAIN_EPILOG = """\
 data (--data):
@@ -29,13 +27,15 @@ examples:
 """
 
 
-def register(subparsers: argparse._SubParsersAction) -> None:
-    """Add the top-level ``mil`` command with its subcommands."""
+def register(subparsers: argparse._SubParsersAction) -> argparse._SubParsersAction:
+    """Add the top-level ``mil`` command with ``train`` and ``heatmap``; returns its subparsers (the group the
+    whole-slide commands join)."""
     p = subparsers.add_parser("mil", help="multiple-instance learning on slides / bags of features")
     sub = p.add_subparsers(dest="mil_command", metavar="MIL_COMMAND")
     sub.required = True
     _register_train(sub)
-    wsi_cli.register(sub)
+    _register_heatmap(sub)
+    return sub
 
 
 def _register_train(sub: argparse._SubParsersAction) -> None:
@@ -65,30 +65,18 @@ def _register_train(sub: argparse._SubParsersAction) -> None:
     p.set_defaults(func=_run_train, accepts_overrides=True)
 
 
-def _parse_seeds(text: str) -> list[int]:
-    from medcl.core.errors import MedclConfigError
-
-    try:
-        seeds = [int(s) for s in text.replace(" ", "").split(",") if s]
-    except ValueError as exc:
-        raise MedclConfigError("cv.seeds", f"--seeds must be comma-separated integers, got {text!r}") from exc
-    if not seeds:
-        raise MedclConfigError("cv.seeds", "--seeds lists no seed")
-    return seeds
-
-
 def _run_train(args: argparse.Namespace) -> int:
-    from medcl.config import load_config
+    from medcl.config import load_config, parse_int_list
+    from medcl.core.device import torch_threads
     from medcl.mil.bag_io import load_bags
     from medcl.mil.config import MILConfig
     from medcl.mil.experiment import cross_validate
-    from medcl.mil.train import torch_threads
 
     overrides = list(getattr(args, "overrides", []) or [])
     if args.folds is not None:
         overrides.append(f"cv.folds={args.folds}")
     if args.seeds is not None:
-        overrides.append(f"cv.seeds={_parse_seeds(args.seeds)}")
+        overrides.append(f"cv.seeds={parse_int_list(args.seeds, '--seeds')}")
     if args.imbalance is not None:
         overrides.append(f"cv.imbalance={args.imbalance}")
     if args.device is not None:
@@ -102,4 +90,53 @@ def _run_train(args: argparse.Namespace) -> int:
     with torch_threads(cfgs[0].train.threads):
         cross_validate(cfgs, ds, args.out)
     print(f"medcl mil train: results in {args.out}/results.md")
+    return 0
+
+
+def _register_heatmap(sub: argparse._SubParsersAction) -> None:
+    p = sub.add_parser(
+        "heatmap",
+        help="overlay a trained MIL model's attention / instance scores on the slide thumbnail",
+    )
+    p.add_argument("--slide", required=True, help="the slide file")
+    p.add_argument("--features", required=True, help="the slide's feature h5 (from 'medcl mil extract')")
+    p.add_argument("--ckpt", required=True, help="a checkpoint written by 'medcl mil train'")
+    p.add_argument("--out", required=True, help="output PNG")
+    p.add_argument("--geojson", default=None, help="also write the tiles with their scores as GeoJSON (QuPath)")
+    p.add_argument("--thumbnail-size", type=int, default=1024, help="longest side of the thumbnail")
+    p.add_argument("--alpha", type=float, default=0.5, help="opacity of the overlay")
+    p.add_argument("--cmap", default="jet", help="matplotlib colour map")
+    p.add_argument(
+        "--score", default="instance",
+        help="'instance' (the head's instance_scores: attention for ABMIL/CLAM) or a per-instance extras key",
+    )
+    p.add_argument("--class", dest="class_index", type=int, default=None,
+                   help="class of a per-class score (default: the predicted class)")
+    p.add_argument("--vmin", type=float, default=None, help="colour range minimum (default: lowest score)")
+    p.add_argument("--vmax", type=float, default=None, help="colour range maximum (default: highest score)")
+    p.add_argument("--geojson-type", default="tile", choices=["tile", "detection", "annotation"],
+                   help="QuPath objectType of the GeoJSON features (default tile)")
+    p.add_argument("--device", default="cpu")
+    p.set_defaults(func=_run_heatmap)
+
+
+def _run_heatmap(args: argparse.Namespace) -> int:
+    from medcl.mil.heatmap import draw_heatmap
+
+    draw_heatmap(
+        args.slide,
+        args.features,
+        args.ckpt,
+        args.out,
+        geojson=args.geojson,
+        thumbnail_size=args.thumbnail_size,
+        alpha=args.alpha,
+        cmap=args.cmap,
+        score=args.score,
+        class_index=args.class_index,
+        vmin=args.vmin,
+        vmax=args.vmax,
+        object_type=args.geojson_type,
+        device=args.device,
+    )
     return 0

@@ -4,24 +4,24 @@ One file describes one head; ``medcl mil train --config a.yaml b.yaml`` compares
 Unknown keys fail before training with the dotted key named. Layout::
 
     name: abmil                  # the head's label in results.csv / results.md (default: the head kind)
-    head: abmil                  # meanpool | maxpool | abmil | gated_abmil | transmil | dsmil | clam_sb | ins | scmil
+    head: abmil                  # a registered head (medcl.mil.heads.head_names())
     encoder: {hidden: [256, 128], dropout: 0.25}   # instance MLP in front of every head
     abmil: {...}  transmil: {...}  dsmil: {...}  clam: {...}  ins: {...}  scmil: {...}   # head sections
     train: {epochs: 60, batch_size: 16, lr: 5.0e-4, ...}
     cv: {folds: 10, seeds: [0, 1, 2, 3, 4], imbalance: null, ...}
     data: {h5_dir: null, classes: null, ...}
 
-Only the section of the chosen head is used; the others keep their defaults.
+Only the section of the chosen head is used; the others keep their defaults. The head sections are not listed
+here: each head's module defines its section and registers it (:mod:`medcl.mil.heads.registry`).
 """
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, make_dataclass
 from typing import Literal
 
 from medcl.core.errors import MedclConfigError
-
-HeadKind = Literal["meanpool", "maxpool", "abmil", "gated_abmil", "transmil", "dsmil", "clam_sb", "ins", "scmil"]
+from medcl.mil.heads import config_sections, head_spec
 
 
 @dataclass
@@ -31,67 +31,11 @@ class EncoderConfig:
     hidden: list[int] = field(default_factory=lambda: [256, 128])
     dropout: float = 0.0
 
-
-@dataclass
-class ABMILConfig:
-    attention_dim: int = 128
-    gated: bool = False
-    dropout: float = 0.0  # on the attention branch
-
-
-@dataclass
-class TransMILConfig:
-    dim: int = 256
-    heads: int = 8
-    layers: int = 2
-    landmarks: int = 128
-    pinv_iterations: int = 6
-    dropout: float = 0.1
-
-
-@dataclass
-class DSMILConfig:
-    query_dim: int = 128
-    value_dropout: float = 0.0
-    instance_weight: float = 0.5  # weight of the max-instance CE; the bag CE gets 1 - instance_weight
-
-
-@dataclass
-class CLAMConfig:
-    attention_dim: int = 128
-    dropout: float = 0.25
-    k: int = 8
-    instance_loss: bool = True
-    bag_weight: float = 0.7
-    subtyping: bool = False
-
-
-@dataclass
-class INSConfig:
-    proj_dim: int = 64
-    queue_size: int = 4096  # capped at the number of training instances (see medcl.mil.ins)
-    momentum: float = 0.99  # momentum encoder
-    proto_momentum: float = 0.99
-    conf_momentum: tuple[float, float] = (0.95, 0.8)  # pseudo-label EMA, linear from first to last epoch
-    temperature: float = 0.1
-    negative_class: int | None = 0  # class of bags that hold only negative instances (None: no such class)
-    warmup: float = 0.1  # fraction of training before pseudo-labels start moving
-    instance_weight: float = 1.0
-    contrastive_weight: float = 0.5
-    bag_weight: float = 1.0
-    feature_dropout: float = 0.1
-    noise: float = 0.1
-    keep: float = 0.8  # instance subsampling: fraction of a bag's instances kept in a training step
-
-
-@dataclass
-class SCMILConfig:
-    base: Literal["meanpool", "maxpool", "abmil", "gated_abmil", "transmil", "dsmil", "clam_sb"] = "abmil"
-    proj_dim: int = 64
-    temperature: float = 0.1
-    schedule: Literal["parabolic", "linear", "cosine", "step"] = "parabolic"
-    switch: float = 0.5  # 'step' schedule: fraction of training spent on the contrastive loss alone
-    keep: tuple[float, float] = (0.5, 0.9)  # range of the fraction of instances kept in each view
+    def validate(self) -> None:
+        if not 0 <= self.dropout < 1:
+            raise MedclConfigError("encoder.dropout", "must be in [0, 1)")
+        if any(h < 1 for h in self.hidden):
+            raise MedclConfigError("encoder.hidden", "every width must be >= 1")
 
 
 @dataclass
@@ -136,16 +80,12 @@ class DataConfig:
 
 
 @dataclass
-class MILConfig:
+class MILConfigBase:
+    """The sections every head shares; :data:`MILConfig` adds one section per registered head."""
+
     name: str | None = None
-    head: HeadKind = "abmil"
+    head: str = "abmil"
     encoder: EncoderConfig = field(default_factory=EncoderConfig)
-    abmil: ABMILConfig = field(default_factory=ABMILConfig)
-    transmil: TransMILConfig = field(default_factory=TransMILConfig)
-    dsmil: DSMILConfig = field(default_factory=DSMILConfig)
-    clam: CLAMConfig = field(default_factory=CLAMConfig)
-    ins: INSConfig = field(default_factory=INSConfig)
-    scmil: SCMILConfig = field(default_factory=SCMILConfig)
     train: TrainConfig = field(default_factory=TrainConfig)
     cv: CVConfig = field(default_factory=CVConfig)
     data: DataConfig = field(default_factory=DataConfig)
@@ -155,6 +95,7 @@ class MILConfig:
         return self.name or self.head
 
     def validate(self) -> None:
+        head_spec(self.head, "head")
         checks = [
             ("train.epochs", self.train.epochs >= 1, "must be >= 1"),
             ("train.batch_size", self.train.batch_size >= 1, "must be >= 1"),
@@ -162,21 +103,22 @@ class MILConfig:
             ("cv.folds", self.cv.folds >= 2, "must be >= 2"),
             ("cv.seeds", len(self.cv.seeds) >= 1, "needs at least one seed"),
             ("cv.imbalance", self.cv.imbalance is None or 0 < self.cv.imbalance < 1, "must be in (0, 1)"),
-            ("encoder.dropout", 0 <= self.encoder.dropout < 1, "must be in [0, 1)"),
-            ("transmil.dim", self.transmil.dim % self.transmil.heads == 0, "must be divisible by transmil.heads"),
-            ("transmil.landmarks", self.transmil.landmarks >= 1, "must be >= 1"),
-            ("clam.k", self.clam.k >= 1, "must be >= 1"),
-            ("clam.bag_weight", 0 <= self.clam.bag_weight <= 1, "must be in [0, 1]"),
-            ("dsmil.instance_weight", 0 <= self.dsmil.instance_weight <= 1, "must be in [0, 1]"),
-            ("ins.keep", 0 < self.ins.keep <= 1, "must be in (0, 1]"),
             ("train.instance_keep", 0 < self.train.instance_keep <= 1, "must be in (0, 1]"),
-            ("ins.queue_size", self.ins.queue_size >= 1, "must be >= 1"),
-            ("scmil.keep", 0 < self.scmil.keep[0] <= self.scmil.keep[1] <= 1, "must be 0 < low <= high <= 1"),
-            ("scmil.switch", 0 <= self.scmil.switch <= 1, "must be in [0, 1]"),
             ("data.max_memory_gb", self.data.max_memory_gb > 0, "must be > 0"),
         ]
         for key, ok, problem in checks:
             if not ok:
                 raise MedclConfigError(key, problem)
-        if any(h < 1 for h in self.encoder.hidden):
-            raise MedclConfigError("encoder.hidden", "every width must be >= 1")
+
+
+def _assemble() -> type:
+    """``MILConfig``: :class:`MILConfigBase` plus one field per config section of the registered heads."""
+    sections = [(name, cls, field(default_factory=cls)) for name, cls in config_sections().items()]
+    cls = make_dataclass("MILConfig", sections, bases=(MILConfigBase,))
+    cls.__module__ = __name__
+    cls.__doc__ = ("The ``medcl mil train`` config: the shared sections of :class:`MILConfigBase` and one section "
+                   f"per registered head ({', '.join(name for name, _, _ in sections)}).")
+    return cls
+
+
+MILConfig = _assemble()

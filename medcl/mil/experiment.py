@@ -16,10 +16,10 @@ same splits (paired comparison). Writes into ``out``:
 
 from __future__ import annotations
 
-import csv
-import json
+import logging
 import math
-from collections.abc import Callable
+import sys
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -27,6 +27,7 @@ import numpy as np
 
 from medcl.config import save_config, to_dict
 from medcl.core.errors import MedclConfigError
+from medcl.core.files import atomic_path, atomic_write_json, atomic_write_text, write_csv
 from medcl.core.record import RunRecord
 from medcl.mil.bags import BagDataset
 from medcl.mil.config import MILConfig
@@ -35,6 +36,8 @@ from medcl.mil.metrics import bag_metrics
 from medcl.mil.train import evaluate, fit_head, save_mil_model
 
 METRICS = ("accuracy", "balanced_accuracy", "auc", "f1")
+
+log = logging.getLogger(__name__)
 
 
 def positive_index(cfg: MILConfig, classes: list[str]) -> int:
@@ -56,8 +59,7 @@ def _mean_std(values: list[float]) -> tuple[float, float]:
 def _write_instance_scores(path: Path, entries: list[tuple[int, int, list[str], list[np.ndarray]]]) -> None:
     import h5py
 
-    path.parent.mkdir(parents=True, exist_ok=True)
-    with h5py.File(path, "w") as f:
+    with atomic_path(path) as tmp, h5py.File(tmp, "w") as f:
         for seed, fold, ids, scores in entries:
             g = f.require_group(f"seed{seed}/fold{fold}")
             for sid, s in zip(ids, scores):
@@ -70,83 +72,96 @@ def cross_validate(
     out: str | Path,
     *,
     device: str | None = None,
-    log: Callable[[str], None] = print,
+    progress: bool = True,
 ) -> list[dict[str, Any]]:
-    """Run the CV of every config on ``ds``, write the outputs listed in the module docstring, return the rows."""
+    """Run the CV of every config on ``ds``, write the outputs listed in the module docstring, return the rows.
+
+    A progress bar counts the fits (heads x seeds x folds, plus one final model per head).
+    """
+    from tqdm.auto import tqdm
+
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
     names = [c.label for c in cfgs]
     if len(set(names)) != len(names):
         raise MedclConfigError("name", f"two configs share a name: {names} (set 'name' in each)")
-    labels = ds.labels.numpy()
-    groups = ds.patients
-    rows: list[dict[str, Any]] = []
-    pred_rows: list[dict[str, Any]] = []
-    pooled: dict[str, list[dict[str, float]]] = {}
-    for cfg in cfgs:
-        name = cfg.label
-        save_config(cfg, out / f"config_{name}.yaml")
-        pos = positive_index(cfg, ds.classes)
-        score_entries = []
-        pooled[name] = []
-        for seed in cfg.cv.seeds:
-            folds = stratified_group_kfold(labels, cfg.cv.folds, seed, groups)
-            oof = np.zeros((len(ds), len(ds.classes)))
-            for f, test_idx in enumerate(folds):
-                train_idx = np.setdiff1d(np.arange(len(ds)), test_idx)
-                if cfg.cv.imbalance is not None:
-                    train_idx = subsample_class(train_idx, labels, pos, cfg.cv.imbalance, seed * 1000 + f)
-                run_seed = seed * 1000 + f
-                fit = fit_head(cfg, ds.subset(train_idx), seed=run_seed, device=device)
-                test_ds = ds.subset(test_idx)
-                pred = evaluate(fit.head, test_ds, batch_size=cfg.train.batch_size, workers=cfg.data.workers)
-                oof[test_idx] = pred.probs
-                m = bag_metrics(labels[test_idx], pred.probs)
-                rows.append({
-                    "head": name, "seed": seed, "fold": f, "n_train": len(train_idx),
-                    "n_train_positive": int((labels[train_idx] == pos).sum()), "n_test": len(test_idx),
-                    **{k: round(v, 6) for k, v in m.items()}, "seconds": round(fit.seconds, 3),
-                })
-                for j, i in enumerate(test_idx):
-                    pred_rows.append({"head": name, "seed": seed, "fold": f, "bag": ds.bags[i].id,
-                                      "label": ds.classes[labels[i]], "pred": ds.classes[int(pred.probs[j].argmax())],
-                                      **{f"p_{c}": round(float(p), 6) for c, p in zip(ds.classes, pred.probs[j])}})
-                if pred.instance_scores is not None:
-                    score_entries.append((seed, f, test_ds.ids, pred.instance_scores))
-            pooled_m = bag_metrics(labels, oof)
-            pooled[name].append(pooled_m)
-            fold_rows = [r for r in rows if r["head"] == name and r["seed"] == seed]
-            log(f"[{name}] seed {seed}: accuracy {np.mean([r['accuracy'] for r in fold_rows]):.3f} (mean of "
-                f"{len(fold_rows)} folds), pooled AUC {pooled_m['auc']:.3f}, "
-                f"{sum(r['seconds'] for r in fold_rows):.1f} s")
-        if score_entries:
-            _write_instance_scores(out / "instance_scores" / f"{name}.h5", score_entries)
-        if cfg.cv.final_model:
-            fit = fit_head(cfg, ds, seed=cfg.cv.seeds[0], device=device)
-            record = RunRecord(kind="mil", config=to_dict(cfg), cases_seen=ds.ids).to_dict()
-            path = out / ("model.pt" if len(cfgs) == 1 else f"model_{name}.pt")
-            save_mil_model(path, fit.head, cfg, ds.classes, record)
-            log(f"[{name}] final model on all {len(ds)} bags -> {path}")
-    _write_csv(out / "results.csv", rows)
-    _write_csv(out / "predictions.csv", pred_rows)
-    (out / "results.md").write_text(results_markdown(cfgs, ds, rows, pooled))
-    (out / "run.json").write_text(json.dumps({
+    total = sum(len(c.cv.seeds) * c.cv.folds + int(c.cv.final_model) for c in cfgs)
+    bar = tqdm(total=total, desc="mil train", unit="fit", disable=not progress, file=sys.stderr)
+    cv = _CVOutputs()
+    try:
+        for cfg in cfgs:
+            save_config(cfg, out / f"config_{cfg.label}.yaml")
+            _cross_validate_head(cfg, ds, out, cv, bar, device)
+            if cfg.cv.final_model:
+                bar.set_postfix_str(f"{cfg.label} final model")
+                fit = fit_head(cfg, ds, seed=cfg.cv.seeds[0], device=device)
+                record = RunRecord(kind="mil", config=to_dict(cfg), cases_seen=ds.ids).to_dict()
+                path = out / ("model.pt" if len(cfgs) == 1 else f"model_{cfg.label}.pt")
+                save_mil_model(path, fit.head, cfg, ds.classes, record)
+                bar.update(1)
+                log.info("[%s] final model on all %d bags -> %s", cfg.label, len(ds), path)
+    finally:
+        bar.close()
+    write_csv(out / "results.csv", cv.rows)
+    write_csv(out / "predictions.csv", cv.pred_rows)
+    atomic_write_text(results_markdown(cfgs, ds, cv.rows, cv.pooled), out / "results.md")
+    atomic_write_json({
         "data": ds.source, "n_bags": len(ds), "classes": ds.classes, "in_dim": ds.in_dim,
-        "grouped_by_patient": groups is not None, "heads": names,
-    }, indent=2))
-    return rows
+        "grouped_by_patient": ds.patients is not None, "heads": names,
+    }, out / "run.json", indent=2)
+    return cv.rows
 
 
-def _write_csv(path: Path, rows: list[dict[str, Any]]) -> None:
-    if not rows:
-        return
-    keys = list(rows[0])
-    for r in rows:
-        keys += [k for k in r if k not in keys]
-    with open(path, "w", newline="") as f:
-        w = csv.DictWriter(f, fieldnames=keys)
-        w.writeheader()
-        w.writerows(rows)
+@dataclass
+class _CVOutputs:
+    """What the folds of all heads accumulate: metric rows, prediction rows, pooled out-of-fold metrics."""
+
+    rows: list[dict[str, Any]] = field(default_factory=list)
+    pred_rows: list[dict[str, Any]] = field(default_factory=list)
+    pooled: dict[str, list[dict[str, float]]] = field(default_factory=dict)
+
+
+def _cross_validate_head(cfg: MILConfig, ds: BagDataset, out: Path, cv: _CVOutputs, bar: Any,
+                         device: str | None) -> None:
+    """Every seed and fold of one head: train, predict the held-out fold, record rows and instance scores."""
+    name = cfg.label
+    labels = ds.labels.numpy()
+    pos = positive_index(cfg, ds.classes)
+    score_entries = []
+    cv.pooled[name] = []
+    for seed in cfg.cv.seeds:
+        folds = stratified_group_kfold(labels, cfg.cv.folds, seed, ds.patients)
+        oof = np.zeros((len(ds), len(ds.classes)))
+        for f, test_idx in enumerate(folds):
+            bar.set_postfix_str(f"{name} seed {seed} fold {f}")
+            train_idx = np.setdiff1d(np.arange(len(ds)), test_idx)
+            if cfg.cv.imbalance is not None:
+                train_idx = subsample_class(train_idx, labels, pos, cfg.cv.imbalance, seed * 1000 + f)
+            fit = fit_head(cfg, ds.subset(train_idx), seed=seed * 1000 + f, device=device)
+            test_ds = ds.subset(test_idx)
+            pred = evaluate(fit.head, test_ds, batch_size=cfg.train.batch_size, workers=cfg.data.workers)
+            oof[test_idx] = pred.probs
+            m = bag_metrics(labels[test_idx], pred.probs)
+            cv.rows.append({
+                "head": name, "seed": seed, "fold": f, "n_train": len(train_idx),
+                "n_train_positive": int((labels[train_idx] == pos).sum()), "n_test": len(test_idx),
+                **{k: round(v, 6) for k, v in m.items()}, "seconds": round(fit.seconds, 3),
+            })
+            for j, i in enumerate(test_idx):
+                cv.pred_rows.append({"head": name, "seed": seed, "fold": f, "bag": ds.bags[i].id,
+                                     "label": ds.classes[labels[i]], "pred": ds.classes[int(pred.probs[j].argmax())],
+                                     **{f"p_{c}": round(float(p), 6) for c, p in zip(ds.classes, pred.probs[j])}})
+            if pred.instance_scores is not None:
+                score_entries.append((seed, f, test_ds.ids, pred.instance_scores))
+            bar.update(1)
+        pooled_m = bag_metrics(labels, oof)
+        cv.pooled[name].append(pooled_m)
+        fold_rows = [r for r in cv.rows if r["head"] == name and r["seed"] == seed]
+        log.info("[%s] seed %s: accuracy %.3f (mean of %d folds), pooled AUC %.3f, %.1f s", name, seed,
+                 np.mean([r["accuracy"] for r in fold_rows]), len(fold_rows), pooled_m["auc"],
+                 sum(r["seconds"] for r in fold_rows))
+    if score_entries:
+        _write_instance_scores(out / "instance_scores" / f"{name}.h5", score_entries)
 
 
 def results_markdown(

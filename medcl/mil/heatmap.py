@@ -1,4 +1,4 @@
-"""Heatmaps of a trained MIL model over the slide, and the tiles as GeoJSON for QuPath.
+"""Heatmaps of a trained MIL model over the slide, and the tiles as GeoJSON for QuPath: the model half.
 
 ``medcl mil heatmap --slide S --features F --ckpt C --out PNG [--geojson G]``:
 
@@ -6,25 +6,17 @@
    feature file (``features`` ``[N, D]``, ``coords`` ``[N, 2]``, from ``medcl mil extract``);
 2. run the head on the whole bag and take one score per tile (:func:`tile_scores`): the head's
    ``instance_scores`` (attention weights for ABMIL / CLAM, instance logits or probabilities for the
-   others, see each head), or a named ``extras`` tensor (``[1, N]``, or ``[1, N, K]`` at one class);
-3. paint each tile's footprint on the slide thumbnail with a colour map, blended over the tissue, with a
-   colour bar and the bag prediction drawn inside the image: **the PNG has exactly the thumbnail's size**,
-   so it overlays the thumbnail pixel for pixel;
-4. optionally write a GeoJSON ``FeatureCollection`` that QuPath imports (File > Import objects): one
-   ``Feature`` per tile, a ``Polygon`` in level-0 pixels (QuPath's coordinates), ``properties`` with
-   ``objectType`` (``"tile"`` by default), ``name``, ``color`` (the heatmap colour) and ``measurements``
-   (``{score name: value}``, the map form of QuPath >= 0.4), so *Measure > Show measurement maps* works too.
-
-A tile's footprint is its level-0 square ``coords[i] + [0, tile_size_level0)``, read from the feature
-file's attributes (written by ``medcl mil tile``); CLAM feature files without it fall back to
-``coords.attrs["patch_size"]`` times the downsample of ``coords.attrs["patch_level"]``.
+   others; the registry names each head's score, :func:`medcl.mil.heads.instance_score_name`), or a named
+   ``extras`` tensor (``[1, N]``, or ``[1, N, K]`` at one class);
+3. draw them (:func:`medcl.wsi.heatmap.draw_tile_scores`: the PNG has exactly the thumbnail's size; the GeoJSON
+   holds one polygon per tile with its score as a QuPath measurement).
 """
 
 from __future__ import annotations
 
-import json
+import logging
 import os
-import uuid
+import warnings
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -32,15 +24,9 @@ import numpy as np
 import torch
 
 from medcl.core.errors import MedclConfigError, MedclDataError
-from medcl.io.slide import open_slide
+from medcl.wsi.heatmap import TileGrid, draw_tile_scores
 
-OBJECT_TYPES = ("tile", "detection", "annotation")
-# what ``instance_scores`` means for each head of :mod:`medcl.mil.heads` (colour bar label)
-_INSTANCE_SCORE_NAMES = {
-    "abmil": "attention", "gated_abmil": "attention", "clam_sb": "attention", "transmil": "attention",
-    "dsmil": "instance score", "meanpool": "instance logit", "maxpool": "instance logit",
-    "ins": "instance probability", "scmil": "instance score",
-}
+log = logging.getLogger(__name__)
 
 
 @dataclass
@@ -141,136 +127,6 @@ def tile_scores(
     return TileScores(s, probs, pred, k, source)
 
 
-def _footprints(coords: np.ndarray, tile0: float, scale: tuple[float, float], shape: tuple[int, int]) -> np.ndarray:
-    """``[N, 4]`` (r0, r1, c0, c1) thumbnail pixel spans of the tiles, at least one pixel each."""
-    h, w = shape
-    c0 = np.clip(np.round(coords[:, 0] * scale[0]), 0, w - 1).astype(np.int64)
-    r0 = np.clip(np.round(coords[:, 1] * scale[1]), 0, h - 1).astype(np.int64)
-    c1 = np.clip(np.maximum(np.round((coords[:, 0] + tile0) * scale[0]), c0 + 1), 1, w).astype(np.int64)
-    r1 = np.clip(np.maximum(np.round((coords[:, 1] + tile0) * scale[1]), r0 + 1), 1, h).astype(np.int64)
-    return np.stack([r0, r1, c0, c1], 1)
-
-
-def score_map(coords: np.ndarray, tile0: float, scores: np.ndarray, scale: tuple[float, float], shape: tuple[int, int]) -> np.ndarray:
-    """``[h, w]`` float map: each pixel the mean score of the tiles covering it, NaN where none does."""
-    acc = np.zeros(shape, np.float64)
-    cnt = np.zeros(shape, np.int32)
-    for (r0, r1, c0, c1), s in zip(_footprints(coords, tile0, scale, shape), scores):
-        acc[r0:r1, c0:c1] += s
-        cnt[r0:r1, c0:c1] += 1
-    with np.errstate(invalid="ignore", divide="ignore"):
-        return np.where(cnt > 0, acc / np.maximum(cnt, 1), np.nan)
-
-
-def render_heatmap(
-    thumb: np.ndarray,
-    smap: np.ndarray,
-    out_png: str | os.PathLike,
-    cmap: str = "jet",
-    alpha: float = 0.5,
-    vmin: float | None = None,
-    vmax: float | None = None,
-    label: str = "score",
-    title: str = "",
-) -> tuple[float, float]:
-    """Write ``thumb`` ``[h, w, 3]`` with ``smap`` ``[h, w]`` (NaN = no tile) blended in and a colour bar drawn
-    inside the image; the PNG is exactly ``w x h`` pixels. Returns the colour range ``(vmin, vmax)``."""
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-    from matplotlib import colormaps
-    from matplotlib.colors import Normalize
-
-    h, w = smap.shape
-    valid = np.isfinite(smap)
-    lo = float(np.nanmin(smap)) if vmin is None else float(vmin)
-    hi = float(np.nanmax(smap)) if vmax is None else float(vmax)
-    if hi <= lo:
-        hi = lo + 1e-12
-    norm = Normalize(lo, hi, clip=True)
-    try:
-        cm = colormaps[cmap]
-    except KeyError as exc:
-        raise MedclConfigError("cmap", f"unknown matplotlib colour map {cmap!r}") from exc
-    rgb = thumb.astype(np.float32) / 255.0
-    colour = cm(norm(np.where(valid, smap, lo)))[..., :3].astype(np.float32)
-    blend = np.where(valid[..., None], (1 - alpha) * rgb + alpha * colour, rgb)
-
-    dpi = 100
-    fig = plt.figure(figsize=(w / dpi, h / dpi), dpi=dpi)
-    ax = fig.add_axes((0, 0, 1, 1))
-    ax.imshow(blend, interpolation="nearest", aspect="auto")
-    ax.set_xlim(-0.5, w - 0.5)
-    ax.set_ylim(h - 0.5, -0.5)
-    ax.set_axis_off()
-    font = max(6.0, min(11.0, min(w, h) / 60))
-    from matplotlib.patches import Rectangle
-
-    # the colour bar goes on a translucent panel on the side (left or right) that hides fewer tiles
-    pw = min(0.35, (6.5 * font + 40) / w)
-    covered = [valid[int(0.16 * h) : int(0.84 * h), int(x0 * w) : int((x0 + pw) * w)].mean() for x0 in (1 - pw, 0.0)]
-    x0 = 1 - pw if covered[0] <= covered[1] else 0.0
-    ax.add_patch(Rectangle((x0, 0.16), pw, 0.68, transform=ax.transAxes, facecolor="white", alpha=0.7,
-                           edgecolor="none", zorder=2))
-    cax = ax.inset_axes((x0 + (4.2 * font + 6) / w, 0.2, 1.2 * font / w, 0.6))
-    cb = fig.colorbar(plt.cm.ScalarMappable(norm=norm, cmap=cm), cax=cax)
-    cb.ax.tick_params(labelsize=font * 0.8)
-    cb.set_label(label, fontsize=font)
-    cax.yaxis.set_ticks_position("left")
-    cax.yaxis.set_label_position("right")
-    if title:
-        ax.text(0.01, 0.99, title, transform=ax.transAxes, va="top", ha="left", fontsize=font,
-                bbox={"facecolor": "white", "alpha": 0.8, "edgecolor": "none", "pad": 2})
-    out = Path(out_png)
-    out.parent.mkdir(parents=True, exist_ok=True)
-    fig.canvas.draw()
-    img = np.asarray(fig.canvas.buffer_rgba())[..., :3]
-    plt.close(fig)
-    if img.shape[:2] != (h, w):  # float rounding of figsize * dpi: pad or crop to the exact size
-        fixed = np.full((h, w, 3), 255, np.uint8)
-        fixed[: min(h, img.shape[0]), : min(w, img.shape[1])] = img[:h, :w]
-        img = fixed
-    from PIL import Image
-
-    Image.fromarray(np.ascontiguousarray(img)).save(out)
-    return lo, hi
-
-
-def tiles_geojson(
-    coords: np.ndarray,
-    tile0: float,
-    scores: np.ndarray,
-    score_name: str,
-    slide_id: str,
-    colours: np.ndarray | None = None,
-    object_type: str = "tile",
-) -> dict:
-    """A QuPath-readable GeoJSON ``FeatureCollection``: one ``Feature`` per tile, a closed square ``Polygon``
-    in level-0 pixels, ``properties`` = ``{objectType, name, measurements: {score_name: score}, color}``,
-    and a stable UUID ``id`` per tile (derived from the slide id and the tile's coordinates)."""
-    if object_type not in OBJECT_TYPES:
-        raise MedclConfigError("geojson-type", f"must be one of {OBJECT_TYPES}, got {object_type!r}")
-    t = float(tile0)
-    feats = []
-    for i, ((x, y), s) in enumerate(zip(coords.tolist(), scores.tolist())):
-        ring = [[x, y], [x + t, y], [x + t, y + t], [x, y + t], [x, y]]
-        props: dict = {
-            "objectType": object_type,
-            "name": f"tile {i}",
-            "measurements": {score_name: float(s)},
-        }
-        if colours is not None:
-            props["color"] = [int(c) for c in colours[i]]
-        feats.append({
-            "type": "Feature",
-            "id": str(uuid.uuid5(uuid.NAMESPACE_URL, f"medcl:{slide_id}:{x}:{y}")),
-            "geometry": {"type": "Polygon", "coordinates": [ring]},
-            "properties": props,
-        })
-    return {"type": "FeatureCollection", "features": feats}
-
-
 @dataclass
 class HeatmapResult:
     """What :func:`draw_heatmap` wrote and found."""
@@ -304,9 +160,8 @@ def draw_heatmap(
     device: str = "cpu",
 ) -> HeatmapResult:
     """The whole ``medcl mil heatmap`` command (see the module docstring)."""
-    from matplotlib import colormaps
-    from matplotlib.colors import Normalize
-
+    from medcl.io.slide import slide_id_from_path
+    from medcl.mil.heads import instance_score_name
     from medcl.mil.train import load_mil_model
 
     if not 0.0 <= alpha <= 1.0:
@@ -319,39 +174,22 @@ def draw_heatmap(
         )
     res = tile_scores(head, torch.from_numpy(bag.features), score, class_index)
     classes = [str(c) for c in info["classes"]]
-    with open_slide(slide, assume_mpp=None) as s:
-        tile0 = bag.tile_size_level0
-        if tile0 is None:
-            if bag.patch_size is None or bag.patch_level is None or bag.patch_level >= s.level_count:
-                raise MedclDataError(features, "no 'tile_size_level0' attribute nor CLAM patch_size/patch_level on coords")
-            tile0 = bag.patch_size * s.level_downsamples[bag.patch_level]
-        sid = str(bag.attrs.get("slide_id", s.slide_id))
-        if sid != s.slide_id:
-            print(f"note: feature file is for slide '{sid}', the slide given is '{s.slide_id}'")
-        if (bag.coords.max(0) > np.array(s.dimensions)).any():
-            raise MedclDataError(features, f"tile coordinates exceed the slide's size {s.dimensions}: wrong slide?")
-        thumb = s.thumbnail(thumbnail_size)
-        scale = (thumb.shape[1] / s.dimensions[0], thumb.shape[0] / s.dimensions[1])
-    smap = score_map(bag.coords, tile0, res.scores, scale, thumb.shape[:2])
+    given = slide_id_from_path(slide)
+    sid = str(bag.attrs.get("slide_id", given))
+    if sid != given:
+        warnings.warn(f"{features}: the feature file is for slide '{sid}', the slide given is '{given}'", stacklevel=2)
     kind = str(info.get("head", ""))
-    name = _INSTANCE_SCORE_NAMES.get(kind, "instance score") if res.source == "instance_scores" else res.source
+    name = instance_score_name(kind) if res.source == "instance_scores" else res.source
     if res.score_class is not None:
         name = f"{name} [class {classes[res.score_class]}]"
-    label = f"{kind or 'MIL'} {name}"
     title = f"{sid}: predicted {classes[res.predicted]} (p = {res.probs[res.predicted]:.2f}), {len(res.scores)} tiles"
-    lo, hi = render_heatmap(thumb, smap, out, cmap, alpha, vmin, vmax, label, title)
-    gj_path = None
-    if geojson is not None:
-        cm = colormaps[cmap]
-        colours = (np.asarray(cm(Normalize(lo, hi, clip=True)(res.scores)))[:, :3] * 255).round().astype(np.uint8)
-        doc = tiles_geojson(bag.coords, tile0, res.scores, name.replace("'", ""), sid, colours, object_type)
-        gj_path = str(geojson)
-        Path(gj_path).parent.mkdir(parents=True, exist_ok=True)
-        Path(gj_path).write_text(json.dumps(doc))
-    print(
-        f"{sid}: {len(res.scores)} tiles, predicted {classes[res.predicted]} "
-        f"(p = {res.probs[res.predicted]:.3f}); {name} in [{res.scores.min():.4g}, {res.scores.max():.4g}]; "
-        f"wrote {out}" + (f" and {gj_path}" if gj_path else "")
-    )
-    return HeatmapResult(str(out), gj_path, len(res.scores), thumb.shape[:2], res.scores, res.probs,
-                         classes[res.predicted], name, lo, hi)
+    grid = TileGrid(bag.coords, bag.tile_size_level0, bag.patch_level, bag.patch_size)
+    drawn = draw_tile_scores(slide, grid, res.scores, out, score_name=name.replace("'", ""),
+                             label=f"{kind or 'MIL'} {name}", title=title, geojson=geojson,
+                             thumbnail_size=thumbnail_size, alpha=alpha, cmap=cmap, vmin=vmin, vmax=vmax,
+                             object_type=object_type, slide_id=sid, source=features)
+    log.info("%s: %d tiles, predicted %s (p = %.3f); %s in [%.4g, %.4g]; wrote %s%s", sid, len(res.scores),
+             classes[res.predicted], res.probs[res.predicted], name, res.scores.min(), res.scores.max(), out,
+             f" and {drawn.geojson}" if drawn.geojson else "")
+    return HeatmapResult(drawn.png, drawn.geojson, len(res.scores), drawn.thumbnail_shape, res.scores, res.probs,
+                         classes[res.predicted], name, drawn.vmin, drawn.vmax)

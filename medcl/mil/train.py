@@ -8,10 +8,7 @@ and instances); the loss is read back to the host once per epoch, not per step.
 
 from __future__ import annotations
 
-import math
 import time
-from collections.abc import Iterator
-from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -21,8 +18,10 @@ import torch
 from torch.utils.data import DataLoader
 
 from medcl.config import from_dict, to_dict
+from medcl.core.device import resolve_device, torch_threads
 from medcl.core.errors import MedclDataError
 from medcl.engine.checkpoint import atomic_torch_save, safe_torch_load
+from medcl.engine.schedules import lr_schedule, make_lr_scheduler
 from medcl.engine.seeding import seed_everything
 from medcl.mil.augment import subsample_instances
 from medcl.mil.bags import BagBatch, BagDataset, collate_bags
@@ -32,25 +31,6 @@ from medcl.mil.sampling import BagBatchSampler
 
 MODEL_FORMAT = "medcl-mil-model"
 MODEL_VERSION = 1
-
-
-def resolve_device(spec: str | torch.device | None) -> torch.device:
-    """``"auto"`` (CUDA if available, else CPU), ``"cpu"``, ``"cuda"``, ``"cuda:1"`` ..."""
-    if spec is None or str(spec) == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    return torch.device(spec)
-
-
-@contextmanager
-def torch_threads(n: int | None) -> Iterator[None]:
-    """Run with ``torch.set_num_threads(n)`` and restore the previous count (``None``: leave it)."""
-    before = torch.get_num_threads()
-    if n:
-        torch.set_num_threads(n)
-    try:
-        yield
-    finally:
-        torch.set_num_threads(before)
 
 
 def feature_stats(ds: BagDataset, mode: str = "global", std_floor: float = 0.1) -> tuple[torch.Tensor, torch.Tensor]:
@@ -131,10 +111,7 @@ def _fit(cfg: MILConfig, train_ds: BagDataset, seed: int, device: str | torch.de
     )
     params = [p for p in head.parameters() if p.requires_grad]
     opt = torch.optim.AdamW(params, lr=tc.lr, weight_decay=tc.weight_decay, foreach=True)
-    if tc.scheduler == "cosine":
-        sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: 0.5 * (1 + math.cos(math.pi * min(s, total_steps) / total_steps)))
-    else:
-        sched = None
+    sched = make_lr_scheduler(opt, lr_schedule(total_steps, "cosine")) if tc.scheduler == "cosine" else None
     head.train()
     history: list[dict[str, float]] = []
     step = 0

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import math
 from dataclasses import replace
 from typing import Any
 
@@ -12,24 +11,13 @@ from torch import Tensor, nn
 
 from medcl.core.errors import MedclConfigError
 from medcl.core.provenance import ViewBatch
+from medcl.engine.schedules import lr_schedule, make_lr_scheduler
 from medcl.engine.seeding import sample_seed
 from medcl.models import EMATeacher, build_backbone
 from medcl.models.backbone import key_in_prefixes
 from medcl.pretrain.config import PretrainConfig
 from medcl.pretrain.matching import FeatureMatcher
 from medcl.pretrain.terms import StepContext, Term, build_term, uses_teacher
-
-
-def lr_lambda(warmup: int, total: int, min_ratio: float):
-    """Linear warm-up over ``warmup`` steps, then cosine from 1 to ``min_ratio`` at ``total``."""
-
-    def f(step: int) -> float:
-        if warmup > 0 and step < warmup:
-            return (step + 1) / warmup
-        t = min(1.0, (step - warmup) / max(1, total - warmup))
-        return min_ratio + (1.0 - min_ratio) * 0.5 * (1.0 + math.cos(math.pi * t))
-
-    return f
 
 
 class PretrainModule(L.LightningModule):
@@ -197,8 +185,8 @@ class PretrainModule(L.LightningModule):
         o = self.cfg.optim
         params = [p for n, p in self.named_parameters() if not n.startswith("teacher.")]
         opt = torch.optim.AdamW(params, lr=o.lr, weight_decay=o.weight_decay, betas=tuple(o.betas))
-        sched = torch.optim.lr_scheduler.LambdaLR(
-            opt, lr_lambda(o.warmup_steps, self.cfg.trainer.max_steps, o.min_lr_ratio)
+        sched = make_lr_scheduler(
+            opt, lr_schedule(self.cfg.trainer.max_steps, "cosine", warmup=o.warmup_steps, min_ratio=o.min_lr_ratio)
         )
         return {"optimizer": opt, "lr_scheduler": {"scheduler": sched, "interval": "step", "frequency": 1}}
 

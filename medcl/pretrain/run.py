@@ -15,7 +15,6 @@ Run folder layout (``--out DIR``)::
 
 from __future__ import annotations
 
-import csv
 import json
 import logging
 import resource
@@ -27,7 +26,9 @@ from typing import Any
 import torch
 
 from medcl.config import load_config, save_config, to_dict
+from medcl.core.device import cuda_available
 from medcl.core.errors import MedclConfigError, MedclDataError
+from medcl.core.files import atomic_write_json, write_csv
 from medcl.core.record import RunRecord
 from medcl.engine.plots import plot_curves, read_metrics_csv
 from medcl.engine.trainer import last_checkpoint, make_trainer, resolve_accelerator, use_channels_last
@@ -87,7 +88,7 @@ class _StepTimer:
         t = sorted(self.times[1:] or self.times)  # the first step pays for warm-up
         out = {"steps_timed": len(self.times), "step_seconds_median": t[len(t) // 2] if t else float("nan")}
         out["peak_rss_mb"] = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024.0
-        if torch.cuda.is_available():
+        if cuda_available():
             out["peak_gpu_mb"] = torch.cuda.max_memory_allocated() / 2**20
         return out
 
@@ -118,13 +119,7 @@ def merge_metrics(out: Path, active: Any = None) -> Path | None:
     if not rows:
         return None
     keys = sorted({k for r in rows.values() for k in r})
-    target = out / "metrics.csv"
-    with open(target, "w", newline="") as fh:
-        w = csv.writer(fh)
-        w.writerow(["step", *keys])
-        for step in sorted(rows):
-            w.writerow([step, *[rows[step].get(k, "") for k in keys]])
-    return target
+    return write_csv(out / "metrics.csv", [{"step": step, **rows[step]} for step in sorted(rows)], ["step", *keys])
 
 
 def run_pretrain(
@@ -205,7 +200,7 @@ def run_pretrain(
     ).to_dict()
     record["probe_cases"] = probe_ids
     record["data"] = str(data)
-    (out / "record.json").write_text(json.dumps(record, indent=1))
+    atomic_write_json(record, out / "record.json")
 
     cache_kw: dict[str, Any] = {"cache": cfg.data.cache}
     if cfg.data.cache_dir:
@@ -263,7 +258,7 @@ def run_pretrain(
         if probe.history:
             summary["probe_first"] = probe.history[0]
             summary["probe_last"] = probe.history[-1]
-        (out / "summary.json").write_text(json.dumps(summary, indent=1))
+        atomic_write_json(summary, out / "summary.json")
         log.info("pretraining finished: %s", summary)
     return out
 

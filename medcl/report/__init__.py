@@ -22,6 +22,7 @@ import os
 from pathlib import Path
 
 from medcl.core.errors import MedclDataError
+from medcl.core.files import atomic_write_text
 from medcl.report.blocks import Section
 from medcl.report.common import Options
 from medcl.report.detect import detect_kind, find_runs, has_generic_files
@@ -74,11 +75,8 @@ def save_page(page: str, target: str | os.PathLike) -> Path:
     target = Path(target)
     if target.is_dir():
         raise MedclDataError(target, "is a folder; --out takes the HTML file to write")
-    tmp = target.with_name(f".{target.name}.tmp")
     try:
-        target.parent.mkdir(parents=True, exist_ok=True)
-        tmp.write_text(page, encoding="utf-8")
-        os.replace(tmp, target)
+        atomic_write_text(page, target)
     except OSError as exc:
         raise MedclDataError(target, f"cannot write the report: {exc.strerror or exc} (choose another file with "
                                      "--out)") from exc

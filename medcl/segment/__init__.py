@@ -15,8 +15,7 @@ Names are loaded lazily (PEP 562): ``import medcl.segment`` imports neither torc
 
 from __future__ import annotations
 
-import importlib
-from typing import Any
+from medcl.core.lazy import lazy_exports
 
 _LAZY = {
     "FinetuneConfig": "medcl.segment.config",
@@ -38,15 +37,4 @@ _LAZY = {
 
 __all__ = sorted(_LAZY)
 
-
-def __getattr__(name: str) -> Any:
-    module = _LAZY.get(name)
-    if module is None:
-        raise AttributeError(f"module 'medcl.segment' has no attribute '{name}'")
-    value = getattr(importlib.import_module(module), name)
-    globals()[name] = value
-    return value
-
-
-def __dir__() -> list[str]:
-    return sorted(set(globals()) | set(_LAZY))
+__getattr__, __dir__ = lazy_exports(__name__, _LAZY)

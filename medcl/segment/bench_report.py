@@ -25,6 +25,7 @@ from typing import Any
 
 import numpy as np
 
+from medcl.core.files import atomic_write_text
 from medcl.data.splits import FULL
 from medcl.segment.bench_config import RANDOM
 
@@ -151,7 +152,7 @@ def write_report(rows: list[dict[str, Any]], path: str | Path, *, inits: list[st
     for init in inits:
         lines.append(f"| {init} | " + " | ".join(lr_of.get((init, _key(b)), "-") for b in budgets) + " |")
     text = "\n".join(lines) + "\n"
-    Path(path).write_text(text)
+    atomic_write_text(text, path)
     return text
 
 
@@ -163,6 +164,8 @@ def plot_dice_vs_labels(rows: list[dict[str, Any]], path: str | Path, *, inits: 
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
+
+    from medcl.engine.plots import save_figure
 
     means = run_means(rows)
     budgets = budget_order({r["budget"] for r in rows})
@@ -197,6 +200,5 @@ def plot_dice_vs_labels(rows: list[dict[str, Any]], path: str | Path, *, inits: 
         ax.set_title(title, fontsize=10)
     fig.tight_layout()
     out = Path(path)
-    fig.savefig(out, dpi=120)
-    plt.close(fig)
+    save_figure(fig, out, dpi=120)
     return out

@@ -28,14 +28,18 @@ from __future__ import annotations
 
 import csv
 import json
+import logging
 import math
 import os
 import time
+import warnings
 from collections.abc import Callable
+from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any
 
 from medcl.core.errors import MedclConfigError
+from medcl.core.files import atomic_write_json, write_csv
 from medcl.data import load_manifest
 from medcl.data.splits import FULL, LabelBudgetSplit, load_split, make_label_budget_split
 from medcl.segment.bench_config import RANDOM, InitSpec, LabelEfficiencyConfig, load_benchmark_config
@@ -47,6 +51,8 @@ __all__ = ["InitSpec", "LabelEfficiencyConfig", "load_benchmark_config", "run_la
            "method_config"]
 
 PretrainFn = Callable[..., Any]
+
+log = logging.getLogger(__name__)
 
 
 def method_config(method: str) -> Path:
@@ -85,11 +91,6 @@ def pretrain_init(spec: InitSpec, data: str, out: Path, pool: list[str], seed: i
     return str(result) if result is not None else str(out)
 
 
-def _arm_dir(out: Path, init: str, budget: Any, comb: int, seed: int, lr: float, sweep: bool) -> Path:
-    base = out / ("sweep" if sweep else "runs") / init / f"n{budget}" / f"c{comb}" / f"s{seed}" / f"lr{lr:g}"
-    return base
-
-
 def _read_rows(path: Path) -> list[dict[str, Any]]:
     with open(path, newline="") as f:
         return list(csv.DictReader(f))
@@ -111,6 +112,41 @@ def _case_rows(run_dir: Path) -> dict[str, dict[str, Any]]:
     return out
 
 
+@dataclass(frozen=True)
+class Init:
+    """An initialisation of the benchmark: its table name, its checkpoint (``None``: random) and stages to load."""
+
+    name: str
+    checkpoint: str | None = None
+    load: tuple[str, ...] | None = None
+
+
+@dataclass(frozen=True)
+class Arm:
+    """One fine-tuning run of the benchmark.
+
+    ``lr`` is ``None`` for a reported run whose learning rate the sweep selects; ``sweep`` runs train on all but
+    the validation volumes of their combination and are scored on those.
+    """
+
+    init: Init
+    budget: Any
+    combination: int
+    seed: int
+    lr: float | None
+    sweep: bool = False
+
+    def folder(self, out: Path) -> Path:
+        lr = f"lr{self.lr:g}" if self.lr is not None else "lr"
+        return (out / ("sweep" if self.sweep else "runs") / self.init.name / f"n{self.budget}" / f"c{self.combination}"
+                / f"s{self.seed}" / lr)
+
+    def tag(self) -> str:
+        lr = f"{self.lr:g}" if self.lr is not None else "?"
+        return (f"{'sweep ' if self.sweep else ''}init={self.init.name} N={self.budget} combination={self.combination} "
+                f"seed={self.seed} lr={lr}")
+
+
 def run_label_efficiency(
     cfg: LabelEfficiencyConfig,
     finetune_base: dict[str, Any],
@@ -119,142 +155,178 @@ def run_label_efficiency(
     *,
     device: str = "auto",
     pretrain_fn: PretrainFn | None = None,
-    log: Callable[[str], None] = print,
 ) -> list[dict[str, Any]]:
-    """Run (or resume) the benchmark; returns the rows of ``results.csv``."""
+    """Run (or resume) the benchmark; returns the rows of ``results.csv``.
+
+    Steps: the split; the initialisations (pretraining methods on the pool, every checkpoint checked against the
+    test set); one architecture for all; the learning-rate sweep inside the budget; the reported runs; the tables.
+    """
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
     manifest = load_manifest(data)
     split = _get_split(cfg, manifest, out)
     split.check_manifest(manifest, str(out / "split.json"))
+    inits = _prepare_inits(cfg, split, data, out, pretrain_fn, device)
+    finetune_base = _same_architecture(finetune_base, inits)
+    budgets: list[Any] = list(budget_order(split.budgets)) + ([FULL] if cfg.full_label else [])
+    sweep_arms, final_arms = _plan_arms(cfg, split, inits, budgets)
+    runner = _ArmRunner(cfg, finetune_base, manifest, split, out, device, len(sweep_arms) + len(final_arms))
 
-    inits: list[tuple[str, str | None, list[str] | None]] = [(RANDOM, None, None)] if cfg.random_init else []
+    chosen, rule = _select_learning_rates(cfg, inits, budgets, sweep_arms, runner.run_all(sweep_arms), out)
+    final_arms = [a if a.lr is not None else replace(a, lr=chosen[(a.init.name, str(a.budget))]) for a in final_arms]
+    rows = _collect_rows(final_arms, runner.run_all(final_arms), rule, out)
+    write_csv(out / "results.csv", rows)
+    _report(cfg, rows, out, [i.name for i in inits], chosen, split, data)
+    return rows
+
+
+def _prepare_inits(cfg: LabelEfficiencyConfig, split: LabelBudgetSplit, data: str, out: Path,
+                   pretrain_fn: PretrainFn | None, device: str) -> list[Init]:
+    """Random init, the given checkpoints and the methods pretrained here on the pool; every checkpoint is checked
+    against the test set before any run (not at its first fine-tune)."""
+    from medcl.segment.init import check_leakage, read_checkpoint
+
+    inits = [Init(RANDOM)] if cfg.random_init else []
     for spec in cfg.inits:
+        load = tuple(spec.load) if spec.load else None
         if spec.checkpoint:
-            inits.append((spec.name, spec.checkpoint, spec.load))
+            inits.append(Init(spec.name, spec.checkpoint, load))
             continue
         if pretrain_fn is None:
             raise MedclConfigError(f"inits.{spec.name}", "pretraining a method needs medcl.pretrain.run_pretrain, which "
                                                          "is not available here; give a checkpoint instead")
-        log(f"pretraining '{spec.name}' on the unlabelled pool ({len(split.pool)} cases, test set excluded)")
-        ckpt = pretrain_init(spec, data, out / "pretrain" / spec.name, split.pool, cfg.split.seed, pretrain_fn,
-                             device)
-        inits.append((spec.name, ckpt, spec.load))
-
-    from medcl.segment.init import check_leakage, read_checkpoint
-
-    for name, ckpt, _ in inits:  # refuse leaky checkpoints before any run, not at their first fine-tune
-        if ckpt is not None:
-            overlap = check_leakage(read_checkpoint(ckpt), split.test, cfg.allow_test_overlap)
+        log.info("pretraining '%s' on the unlabelled pool (%d cases, test set excluded)", spec.name, len(split.pool))
+        ckpt = pretrain_init(spec, data, out / "pretrain" / spec.name, split.pool, cfg.split.seed, pretrain_fn, device)
+        inits.append(Init(spec.name, ckpt, load))
+    for init in inits:
+        if init.checkpoint is not None:
+            overlap = check_leakage(read_checkpoint(init.checkpoint), split.test, cfg.allow_test_overlap)
             if overlap:
-                log(f"WARNING: init '{name}' saw {len(overlap)} test case(s) (allow_test_overlap): {overlap}")
-    finetune_base = _same_architecture(finetune_base, inits, log)
-    budgets: list[Any] = list(budget_order(split.budgets)) + ([FULL] if cfg.full_label else [])
+                warnings.warn(f"init '{init.name}' saw {len(overlap)} test case(s) (allow_test_overlap): {overlap}",
+                              stacklevel=2)
+    return inits
+
+
+def _plan_arms(cfg: LabelEfficiencyConfig, split: LabelBudgetSplit, inits: list[Init], budgets: list[Any]
+               ) -> tuple[list[Arm], list[Arm]]:
+    """(sweep runs, reported runs): the sweep where a budget can spare ``lr.validation_cases`` volumes."""
     lrs = sorted(cfg.lr.values)
     validate = cfg.lr.selection == "validation"
     v = cfg.lr.validation_cases
-    sweep_jobs, final_jobs = [], []
-    for name, ckpt, load in inits:
+    sweep, final = [], []
+    for init in inits:
         for b in budgets:
             n = len(split.labelled(b, 0)) if b == FULL else int(b)
+            combos = range(split.n_combinations(b))
             if validate and n > v and len(lrs) > 1:
-                for c in range(split.n_combinations(b)):
-                    sweep_jobs += [(name, ckpt, load, b, c, cfg.seeds[0], lr) for lr in lrs]
-            arm_lrs = lrs if not validate else [None]
-            for lr in arm_lrs:
-                for c in range(split.n_combinations(b)):
-                    final_jobs += [(name, ckpt, load, b, c, s, lr) for s in cfg.seeds]
-    total = len(sweep_jobs) + len(final_jobs)
-    counter = [0]
+                sweep += [Arm(init, b, c, cfg.seeds[0], lr, sweep=True) for c in combos for lr in lrs]
+            for lr in (lrs if not validate else [None]):
+                final += [Arm(init, b, c, s, lr) for c in combos for s in cfg.seeds]
+    return sweep, final
 
-    def prepare(job: tuple, sweep: bool) -> tuple[str, Path, dict[str, Any] | None]:
-        """(progress tag, run folder, worker arguments or None when the run is finished)."""
-        name, ckpt, load, b, c, seed, lr = job
-        counter[0] += 1
-        run_dir = _arm_dir(out, name, b, c, seed, lr, sweep)
-        tag = (f"[{counter[0]}/{total}] {'sweep ' if sweep else ''}init={name} N={b} combination={c} seed={seed} "
-               f"lr={lr:g}")
-        if (run_dir / DONE_FILE).is_file():
-            return tag, run_dir, None
-        labelled = split.labelled(b, c)
-        sel = CaseSelection(train=labelled[:-v] if sweep else labelled, validation=labelled[-v:] if sweep else [],
-                            test=[] if sweep else list(split.test), budget=b, combination=c, source="benchmark")
-        over = {"seed": seed, "optim": {"lr": lr},
-                "trainer": {"max_steps": (cfg.full_steps or cfg.steps) if b == FULL else cfg.steps},
-                "init": {"checkpoint": ckpt, **({"load": load} if load else {})}}
-        return tag, run_dir, {"config": merge_config(finetune_base, over), "manifest": manifest, "out": str(run_dir),
-                              "selection": sel, "allow": cfg.allow_test_overlap, "device": device,
-                              "part": "validation" if sweep else "test"}
 
-    def run_all(jobs: list[tuple], sweep: bool) -> list[Path]:
-        todo = [prepare(job, sweep) for job in jobs]
-        for tag, _, kw in todo:
-            if kw is None:
-                log(f"{tag}: done before, skipped")
-        pending = [(tag, kw) for tag, _, kw in todo if kw is not None]
-        if cfg.jobs <= 1 or len(pending) <= 1:
+class _ArmRunner:
+    """Runs arms (skipping finished ones, resuming killed ones), in this process or ``cfg.jobs`` processes."""
+
+    def __init__(self, cfg: LabelEfficiencyConfig, base: dict[str, Any], manifest: Any, split: LabelBudgetSplit,
+                 out: Path, device: str, total: int) -> None:
+        self.cfg, self.base, self.manifest, self.split, self.out, self.device = cfg, base, manifest, split, out, device
+        self.total, self.count = total, 0
+
+    def job(self, arm: Arm) -> dict[str, Any]:
+        """The worker arguments of ``arm`` (plain data: they cross a process boundary)."""
+        cfg, v = self.cfg, self.cfg.lr.validation_cases
+        labelled = self.split.labelled(arm.budget, arm.combination)
+        sel = CaseSelection(train=labelled[:-v] if arm.sweep else labelled,
+                            validation=labelled[-v:] if arm.sweep else [],
+                            test=[] if arm.sweep else list(self.split.test), budget=arm.budget,
+                            combination=arm.combination, source="benchmark")
+        steps = (cfg.full_steps or cfg.steps) if arm.budget == FULL else cfg.steps
+        over = {"seed": arm.seed, "optim": {"lr": arm.lr}, "trainer": {"max_steps": steps},
+                "init": {"checkpoint": arm.init.checkpoint, **({"load": list(arm.init.load)} if arm.init.load else {})}}
+        return {"config": merge_config(self.base, over), "manifest": self.manifest, "out": str(arm.folder(self.out)),
+                "selection": sel, "allow": cfg.allow_test_overlap, "device": self.device,
+                "part": "validation" if arm.sweep else "test"}
+
+    def run_all(self, arms: list[Arm]) -> list[Path]:
+        pending = []
+        for arm in arms:
+            self.count += 1
+            tag = f"[{self.count}/{self.total}] {arm.tag()}"
+            if (arm.folder(self.out) / DONE_FILE).is_file():
+                log.info("%s: done before, skipped", tag)
+            else:
+                pending.append((tag, self.job(arm)))
+        if self.cfg.jobs <= 1 or len(pending) <= 1:
             for tag, kw in pending:
-                log(f"{tag}: training")
-                log(f"{tag}: {_finetune_job(kw)}")
+                log.info("%s: training", tag)
+                log.info("%s: %s", tag, _finetune_job(kw))
         else:
             import multiprocessing
             from concurrent.futures import ProcessPoolExecutor, as_completed
 
-            with ProcessPoolExecutor(max_workers=cfg.jobs, mp_context=multiprocessing.get_context("spawn")) as pool:
+            with ProcessPoolExecutor(max_workers=self.cfg.jobs, mp_context=multiprocessing.get_context("spawn")) as pool:
                 futures = {pool.submit(_finetune_job, kw): tag for tag, kw in pending}
-                log(f"running {len(pending)} fine-tune(s) in {cfg.jobs} processes")
+                log.info("running %d fine-tune(s) in %d processes", len(pending), self.cfg.jobs)
                 for fut in as_completed(futures):
-                    log(f"{futures[fut]}: {fut.result()}")
-        return [run_dir for _, run_dir, _ in todo]
+                    log.info("%s: %s", futures[fut], fut.result())
+        return [arm.folder(self.out) for arm in arms]
 
-    # ---- LR selection (validation inside the budget) --------------------------------------------------
-    chosen: dict[tuple[str, str], float] = {}
-    rule: dict[tuple[str, str], str] = {}
+
+def _select_learning_rates(cfg: LabelEfficiencyConfig, inits: list[Init], budgets: list[Any], sweep_arms: list[Arm],
+                           folders: list[Path], out: Path
+                           ) -> tuple[dict[tuple[str, str], float], dict[tuple[str, str], str]]:
+    """The LR of each (init, budget): best mean validation Dice of the sweep, else the fallback; writes
+    ``sweep.csv`` and ``lr_selection.json``."""
+    lrs = sorted(cfg.lr.values)
     sweep_rows = []
-    for job, run_dir in zip(sweep_jobs, run_all(sweep_jobs, sweep=True)):
-        s = json.loads((run_dir / DONE_FILE).read_text())
-        sweep_rows.append({"init": job[0], "budget": job[3], "combination": job[4], "seed": job[5], "lr": job[6],
+    for arm, folder in zip(sweep_arms, folders):
+        s = json.loads((folder / DONE_FILE).read_text())
+        sweep_rows.append({"init": arm.init.name, "budget": arm.budget, "combination": arm.combination,
+                           "seed": arm.seed, "lr": arm.lr,
                            "val_dice": s.get("validation", {}).get("dice_mean", math.nan)})
     if sweep_rows:
-        _write_csv(out / "sweep.csv", sweep_rows)
-    for name, _, _ in inits:
+        write_csv(out / "sweep.csv", sweep_rows)
+    chosen: dict[tuple[str, str], float] = {}
+    rule: dict[tuple[str, str], str] = {}
+    for init in inits:
         for b in budgets:
-            rs = [r for r in sweep_rows if r["init"] == name and str(r["budget"]) == str(b)]
+            key = (init.name, str(b))
+            rs = [r for r in sweep_rows if r["init"] == init.name and str(r["budget"]) == str(b)]
             if rs:
                 score = {lr: _mean([r["val_dice"] for r in rs if r["lr"] == lr]) for lr in lrs}
-                chosen[(name, str(b))] = max(lrs, key=lambda lr: (score[lr], -lr))
-                rule[(name, str(b))] = "validation"
+                chosen[key], rule[key] = max(lrs, key=lambda lr: (score[lr], -lr)), "validation"
             else:
-                chosen[(name, str(b))] = cfg.lr.default
-                rule[(name, str(b))] = "fallback" if validate else "sweep arm"
-    (out / "lr_selection.json").write_text(json.dumps(
-        {"selection": cfg.lr.selection, "fallback": cfg.lr.default, "validation_cases": v,
-         "chosen": {f"{k[0]}|{k[1]}": lr for k, lr in chosen.items()}}, indent=1))
+                chosen[key] = cfg.lr.default
+                rule[key] = "fallback" if cfg.lr.selection == "validation" else "sweep arm"
+    atomic_write_json({"selection": cfg.lr.selection, "fallback": cfg.lr.default,
+                       "validation_cases": cfg.lr.validation_cases,
+                       "chosen": {f"{k[0]}|{k[1]}": lr for k, lr in chosen.items()}}, out / "lr_selection.json")
+    return chosen, rule
 
-    # ---- the reported runs ---------------------------------------------------------------------------
+
+def _collect_rows(arms: list[Arm], folders: list[Path], rule: dict[tuple[str, str], str], out: Path
+                  ) -> list[dict[str, Any]]:
+    """One row per reported run and test case (the rows of ``results.csv``)."""
     rows: list[dict[str, Any]] = []
-    final_jobs = [(*job[:6], job[6] if job[6] is not None else chosen[(job[0], str(job[3]))]) for job in final_jobs]
-    for job, run_dir in zip(final_jobs, run_all(final_jobs, sweep=False)):
-        lr = job[6]
-        for case, m in _case_rows(run_dir).items():
-            rows.append({"init": job[0], "budget": job[3], "combination": job[4], "seed": job[5], "lr": f"{lr:g}",
-                         "lr_rule": rule[(job[0], str(job[3]))],
-                         "run": str(run_dir.relative_to(out)), "case": case, **m})
-    _write_csv(out / "results.csv", rows)
-    _report(cfg, rows, out, [n for n, _, _ in inits], chosen, split, data)
+    for arm, folder in zip(arms, folders):
+        for case, m in _case_rows(folder).items():
+            rows.append({"init": arm.init.name, "budget": arm.budget, "combination": arm.combination, "seed": arm.seed,
+                         "lr": f"{arm.lr:g}", "lr_rule": rule[(arm.init.name, str(arm.budget))],
+                         "run": str(folder.relative_to(out)), "case": case, **m})
     return rows
 
 
-def _same_architecture(base: dict[str, Any], inits: list[tuple[str, str | None, Any]], log: Callable[[str], None]
-                       ) -> dict[str, Any]:
+def _same_architecture(base: dict[str, Any], inits: list[Init]) -> dict[str, Any]:
     """Every init must fine-tune the same network on the same preprocessing: the random init takes the pretrained
     checkpoints' backbone (which must agree with each other) and plan (the config's ``data.plan`` keys on top)."""
     from medcl.segment.init import read_checkpoint
 
     archs, plans = {}, {}
-    for name, ckpt, _ in inits:
-        if ckpt is not None:
-            c = read_checkpoint(ckpt)
+    for init in inits:
+        if init.checkpoint is not None:
+            name = init.name
+            c = read_checkpoint(init.checkpoint)
             if c.backbone is not None:
                 archs[name] = {k: v for k, v in c.backbone.items() if k not in ("in_channels", "out_channels")}
             if c.plan is not None:
@@ -265,13 +337,13 @@ def _same_architecture(base: dict[str, Any], inits: list[tuple[str, str | None, 
         if any(a != first for a in archs.values()):
             raise MedclConfigError("inits", f"the pretrained checkpoints have different backbones ({', '.join(archs)}); a "
                                    "label-efficiency comparison needs one architecture")
-        log(f"every init fine-tunes the pretrained architecture: {first}")
+        log.info("every init fine-tunes the pretrained architecture: %s", first)
         out = merge_config(out, {"backbone": dict(first)})
     if plans:
         first_plan = next(iter(plans.values()))
         if any(p != first_plan for p in plans.values()):
-            log(f"WARNING: the pretrained checkpoints were made with different preprocessing plans ({', '.join(plans)}); "
-                "each fine-tunes with its own, the random init with the first")
+            warnings.warn(f"the pretrained checkpoints were made with different preprocessing plans ({', '.join(plans)}); "
+                          "each fine-tunes with its own, the random init with the first", stacklevel=2)
         user = dict((base.get("data") or {}).get("plan") or {})
         out = merge_config(out, {"data": {"plan": {**first_plan, **user}}})
     return out
@@ -282,7 +354,7 @@ def _finetune_job(kw: dict[str, Any]) -> str:
     t0 = time.time()
     cfg = finetune_config_from_dict(kw["config"])
     res = run_finetune(cfg, kw["manifest"], kw["out"], selection=kw["selection"], resume=True,
-                       allow_test_overlap=kw["allow"], device=kw["device"], progress=False, log=lambda s: None)
+                       allow_test_overlap=kw["allow"], device=kw["device"], progress=False)
     part = res.summary.get(kw["part"], {})
     return f"{kw['part']} Dice {part.get('dice_mean', float('nan')):.3f} ({time.time() - t0:.0f} s)"
 
@@ -290,19 +362,6 @@ def _finetune_job(kw: dict[str, Any]) -> str:
 def _mean(v: list[float]) -> float:
     vals = [x for x in v if not math.isnan(x)]
     return sum(vals) / len(vals) if vals else -math.inf
-
-
-def _write_csv(path: Path, rows: list[dict[str, Any]]) -> None:
-    cols: list[str] = []
-    for r in rows:
-        cols += [k for k in r if k not in cols]
-    tmp = path.with_name(f".{path.name}.tmp")
-    with open(tmp, "w", newline="") as f:
-        w = csv.DictWriter(f, fieldnames=cols)
-        w.writeheader()
-        for r in rows:
-            w.writerow({k: ("" if isinstance(r.get(k), float) and math.isnan(r[k]) else r.get(k, "")) for k in cols})
-    os.replace(tmp, path)
 
 
 def _get_split(cfg: LabelEfficiencyConfig, manifest: Any, out: Path) -> LabelBudgetSplit:

@@ -111,21 +111,14 @@ def _register_predict(sub: argparse._SubParsersAction) -> None:
 
 
 def _run_predict(args: argparse.Namespace) -> int:
-    import torch
-
-    from medcl.engine.trainer import resolve_accelerator
+    from medcl.core.device import resolve_device, torch_threads
     from medcl.segment.predict import load_model, predict_to_folder
 
-    threads = torch.get_num_threads()
-    if args.threads:
-        torch.set_num_threads(args.threads)
-    try:
-        device = "cuda" if resolve_accelerator(args.device) == "gpu" else "cpu"
+    with torch_threads(args.threads):
+        device = resolve_device(args.device)
         model = load_model(args.ckpt, device=device)
         written = predict_to_folder(model, args.input, args.output, tta=args.tta, probabilities=args.probabilities,
                                     device=device)
-    finally:
-        torch.set_num_threads(threads)
     print(f"medcl predict: {len(written)} segmentation(s) in {args.output}")
     return 0
 
@@ -185,15 +178,16 @@ def _register_split(sub: argparse._SubParsersAction) -> None:
 
 
 def _run_split(args: argparse.Namespace) -> int:
+    from medcl.config import parse_int_list
     from medcl.core.errors import MedclConfigError
     from medcl.data import load_manifest
     from medcl.data.splits import make_label_budget_split
 
+    budgets = parse_int_list(args.budgets, "--budgets")
     try:
-        budgets = [int(b) for b in args.budgets.split(",") if b.strip()]
         test: int | float = float(args.test) if "." in args.test else int(args.test)
     except ValueError as exc:
-        raise MedclConfigError("--budgets/--test", f"expected integers (and a number or fraction): {exc}") from exc
+        raise MedclConfigError("--test", f"expected a number of cases or a fraction, got {args.test!r}") from exc
     split = make_label_budget_split(load_manifest(args.data), budgets, args.combinations, test, args.seed)
     split.save(args.out)
     print(f"medcl split: {len(split.test)} test, {len(split.pool)} pool ({len(split.labelled_pool)} labelled), "

@@ -20,9 +20,10 @@ Also written: ``config.yaml`` (resolved), ``cases.json`` (the selection), ``logs
 from __future__ import annotations
 
 import copy
-import json
+import logging
 import os
 import time
+import warnings
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -31,7 +32,9 @@ from typing import Any
 import torch
 
 from medcl.config import save_config, to_dict
+from medcl.core.device import torch_threads
 from medcl.core.errors import MedclConfigError, MedclDataError
+from medcl.core.files import atomic_write_json, atomic_write_text
 from medcl.core.geometry import Volume, spacing_from_affine
 from medcl.core.record import RunRecord
 from medcl.data import CaseDataset, Manifest, PreprocessingPlan, load_manifest
@@ -40,6 +43,8 @@ from medcl.segment.metrics import case_metrics, summarise, write_metrics_csv
 from medcl.segment.prepare import CaseSelection, LabelInfo, resolve_labels, resolve_plan, select_cases
 
 __all__ = ["FinetuneResult", "run_finetune", "evaluate_cases", "DONE_FILE"]
+
+log = logging.getLogger(__name__)
 
 DONE_FILE = "summary.json"
 
@@ -141,12 +146,6 @@ def _flat_diff(a: Any, b: Any, prefix: str = "") -> list[str]:
     return [] if a == b else [prefix]
 
 
-def _write_json(obj: Any, path: Path) -> None:
-    tmp = path.with_name(f".{path.name}.tmp")
-    tmp.write_text(json.dumps(obj, indent=1, default=str))
-    os.replace(tmp, path)
-
-
 def run_finetune(
     cfg: FinetuneConfig,
     data: str | os.PathLike | Manifest,
@@ -157,7 +156,6 @@ def run_finetune(
     allow_test_overlap: bool = False,
     device: str = "auto",
     progress: bool = True,
-    log: Callable[[str], None] = print,
     callbacks: list[Any] | None = None,
 ) -> FinetuneResult:
     """Fine-tune (see the module docstring) and return the result.
@@ -172,26 +170,36 @@ def run_finetune(
         device: ``auto``, ``cpu`` or ``cuda``.
         callbacks: extra Lightning callbacks.
     """
-    threads = torch.get_num_threads()
-    if cfg.threads:
-        torch.set_num_threads(int(cfg.threads))
-    try:
-        return _run(cfg, data, out, selection, resume, allow_test_overlap, device, progress, log, callbacks)
-    finally:
-        torch.set_num_threads(threads)
+    with torch_threads(cfg.threads):
+        t0 = time.time()
+        job = _prepare(cfg, data, Path(out), selection, resume, allow_test_overlap)
+        module, trainer = _train(job, device, progress, callbacks)
+        return _finish(job, module, trainer, device, t0)
 
 
-def _run(cfg: FinetuneConfig, data: str | os.PathLike | Manifest, out: str | os.PathLike,
-         selection: CaseSelection | None, resume: bool, allow_test_overlap: bool, device: str, progress: bool,
-         log: Callable[[str], None], callbacks: list[Any] | None) -> FinetuneResult:
-    from medcl.engine.plots import plot_curves
+@dataclass
+class _Job:
+    """Everything :func:`run_finetune` resolved before training."""
+
+    cfg: FinetuneConfig
+    out: Path
+    manifest: Manifest
+    labels: LabelInfo
+    sel: CaseSelection
+    plan: PreprocessingPlan
+    net: Any
+    record: dict[str, Any]
+    init_info: dict[str, Any] | None
+    last: Path | None
+
+
+def _prepare(cfg: FinetuneConfig, data: str | os.PathLike | Manifest, out: Path, selection: CaseSelection | None,
+             resume: bool, allow_test_overlap: bool) -> _Job:
+    """Cases, classes, the init checkpoint (leakage guard), the plan, the network; the run folder's first files."""
     from medcl.engine.seeding import seed_everything
-    from medcl.engine.trainer import make_trainer, resolve_accelerator, use_channels_last
-    from medcl.models import build_backbone, save_backbone
+    from medcl.models import build_backbone
     from medcl.segment.init import build_from_checkpoint, check_leakage, read_checkpoint
 
-    t0 = time.time()
-    out = Path(out)
     cfg = copy.deepcopy(cfg)
     manifest = data if isinstance(data, Manifest) else load_manifest(data)
     labels = resolve_labels(manifest, cfg)
@@ -220,28 +228,34 @@ def _run(cfg: FinetuneConfig, data: str | os.PathLike | Manifest, out: str | os.
     last = _check_resume(out, cfg, resume)
     out.mkdir(parents=True, exist_ok=True)
     save_config(cfg, out / "config.yaml")
-    _write_json(sel.to_dict(), out / "cases.json")
+    atomic_write_json(sel.to_dict(), out / "cases.json")
     if report is not None:
         report.to_json(out / "load_report.json")
-        log(str(report))
+        log.info("%s", report)
     if overlap:
-        log(f"WARNING: the pretraining run saw {len(overlap)} test case(s) (--allow-test-overlap): {overlap}")
+        warnings.warn(f"the pretraining run saw {len(overlap)} test case(s) (--allow-test-overlap): {overlap}",
+                      stacklevel=3)
     init_info = {"checkpoint": str(ckpt.path), "kind": ckpt.kind, "cases_seen": len(ckpt.cases_seen),
                  "test_overlap": overlap} if ckpt is not None else None
     record = RunRecord(kind="finetune", config={**to_dict(cfg), "init_source": init_info}, plan=plan.to_dict(),
                        cases_seen=sel.train + sel.validation, test_cases=list(sel.test)).to_dict()
+    return _Job(cfg, out, manifest, labels, sel, plan, net, record, init_info, last)
 
-    # ---- train ----------------------------------------------------------------------------------------
+
+def _train(job: _Job, device: str, progress: bool, callbacks: list[Any] | None) -> tuple[Any, Any]:
+    """Train for ``trainer.max_steps`` steps on class-balanced patches (resumable); returns (module, trainer)."""
     from medcl.engine.stream import StreamLoader, StreamSampler
+    from medcl.engine.trainer import make_trainer, resolve_accelerator, use_channels_last
     from medcl.segment.data import PatchStream, build_augmentation
     from medcl.segment.module import SegmentationModule
 
+    cfg, sel, labels = job.cfg, job.sel, job.labels
     accelerator = resolve_accelerator(device)
-    module = SegmentationModule(net, cfg, labels.num_classes, labels.ignore_label, record,
+    module = SegmentationModule(job.net, cfg, labels.num_classes, labels.ignore_label, job.record,
                                 channels_last=use_channels_last(cfg.trainer, accelerator))
-    trainer = make_trainer(cfg.trainer, out, device=device, callbacks=callbacks, enable_progress_bar=progress)
+    trainer = make_trainer(cfg.trainer, job.out, device=device, callbacks=callbacks, enable_progress_bar=progress)
     # the patch stream keeps its prepared volumes in RAM itself; a disk cache still saves decoding across runs
-    train_cases = CaseDataset(labels.manifest, plan, cases=sel.train, with_label=True,
+    train_cases = CaseDataset(labels.manifest, job.plan, cases=sel.train, with_label=True,
                               cache="none" if cfg.data.cache == "ram" else cfg.data.cache, cache_dir=cfg.data.cache_dir)
     stream = PatchStream(train_cases, labels.num_classes, cfg.sampling.patch_size, cfg.seed,
                          cfg.sampling.class_ratios, build_augmentation(cfg.augment), labels.ignore_label)
@@ -250,27 +264,35 @@ def _run(cfg: FinetuneConfig, data: str | os.PathLike | Manifest, out: str | os.
     loader = StreamLoader(stream, sampler, num_workers=cfg.trainer.num_workers,
                           persistent_workers=cfg.trainer.num_workers > 0)
     loader.bind(lambda: trainer.global_step * cfg.trainer.accumulate)
-    log(f"fine-tuning on {len(sel.train)} labelled volume(s)"
-        + (f" (+{len(sel.validation)} for validation, inside the budget)" if sel.validation else "")
-        + f", {labels.num_classes} classes, {cfg.trainer.max_steps} steps, init "
-        + (f"{ckpt.path} ({ckpt.kind})" if ckpt else "random") + f", mode {cfg.optim.mode}")
-    trainer.fit(module, train_dataloaders=loader, ckpt_path=str(last) if last is not None else None)
+    init = job.init_info
+    log.info("fine-tuning on %d labelled volume(s)%s, %d classes, %d steps, init %s, mode %s", len(sel.train),
+             f" (+{len(sel.validation)} for validation, inside the budget)" if sel.validation else "",
+             labels.num_classes, cfg.trainer.max_steps, f"{init['checkpoint']} ({init['kind']})" if init else "random",
+             cfg.optim.mode)
+    trainer.fit(module, train_dataloaders=loader, ckpt_path=str(job.last) if job.last is not None else None)
     if trainer.global_step < cfg.trainer.max_steps:
-        raise MedclDataError(out, f"training stopped at step {trainer.global_step} of {cfg.trainer.max_steps}")
+        raise MedclDataError(job.out, f"training stopped at step {trainer.global_step} of {cfg.trainer.max_steps}")
+    return module, trainer
 
+
+def _finish(job: _Job, module: Any, trainer: Any, device: str, t0: float) -> FinetuneResult:
+    """Keep the last model, plot the losses, evaluate validation and test cases, write the summary."""
+    from medcl.engine.plots import plot_curves
+    from medcl.engine.trainer import resolve_accelerator
+    from medcl.models import save_backbone
+    from medcl.segment.inference import logits_fn
+
+    cfg, out, sel, labels = job.cfg, job.out, job.sel, job.labels
     net = module.backbone.to(memory_format=torch.contiguous_format).eval()
     model_path = out / "model.pt"
     if not trainer.is_global_zero:  # DDP: rank 0 saves and evaluates
         return FinetuneResult(out, sel, model_path=model_path)
-    save_backbone(net, model_path, record=record)
+    save_backbone(net, model_path, record=job.record)
     metrics_csv = out / "logs" / "metrics.csv"
     if metrics_csv.is_file():
         plot_curves(metrics_csv, out / "loss.png", title=f"fine-tuning {out.name}")
 
-    # ---- evaluate -------------------------------------------------------------------------------------
-    from medcl.segment.inference import logits_fn
-
-    dev = torch.device("cuda" if accelerator == "gpu" else "cpu")
+    dev = torch.device("cuda" if resolve_accelerator(device) == "gpu" else "cpu")
     net.to(dev)
     fn = logits_fn(net)
     result = FinetuneResult(out, sel, model_path=model_path)
@@ -278,24 +300,24 @@ def _run(cfg: FinetuneConfig, data: str | os.PathLike | Manifest, out: str | os.
                                "combination": sel.combination, "n_train": len(sel.train),
                                "n_validation": len(sel.validation), "n_test": len(sel.test),
                                "validation_inside_budget": bool(sel.validation),
-                               "init": init_info, "seed": cfg.seed, "lr": cfg.optim.lr, "mode": cfg.optim.mode}
+                               "init": job.init_info, "seed": cfg.seed, "lr": cfg.optim.lr, "mode": cfg.optim.mode}
     if sel.validation:
-        result.validation_rows = evaluate_cases(fn, manifest, plan, sel.validation, labels, cfg, dev)
+        result.validation_rows = evaluate_cases(fn, job.manifest, job.plan, sel.validation, labels, cfg, dev)
         write_metrics_csv(result.validation_rows, out / "validation.csv")
         summary["validation"] = summarise(result.validation_rows)
     if sel.test:
         save_dir = out / "predictions" if cfg.eval.save_predictions else None
-        result.test_rows = evaluate_cases(fn, manifest, plan, sel.test, labels, cfg, dev, save_dir)
+        result.test_rows = evaluate_cases(fn, job.manifest, job.plan, sel.test, labels, cfg, dev, save_dir)
         write_metrics_csv(result.test_rows, out / "metrics.csv")
         summary["test"] = summarise(result.test_rows)
     summary["seconds"] = round(time.time() - t0, 1)
     result.summary = summary
-    _write_json(summary, out / DONE_FILE)
-    (out / "summary.md").write_text(_summary_md(summary, labels))
+    atomic_write_text(_summary_md(summary, labels), out / "summary.md")
+    atomic_write_json(summary, out / DONE_FILE)
     if "test" in summary:
         t = summary["test"]
-        log(f"test: Dice {t['dice_mean']:.3f} +- {t['dice_std']:.3f}, HD95 {t['hd95_mean']:.2f} mm, "
-            f"NSD {t['nsd_mean']:.3f} over {t['n_cases']} case(s) -> {out / 'metrics.csv'}")
+        log.info("test: Dice %.3f +- %.3f, HD95 %.2f mm, NSD %.3f over %d case(s) -> %s", t["dice_mean"],
+                 t["dice_std"], t["hd95_mean"], t["nsd_mean"], t["n_cases"], out / "metrics.csv")
     return result
 
 

@@ -15,7 +15,6 @@ NSD = 0 and HD95 is undefined (``nan``: left out of means, counted in the summar
 
 from __future__ import annotations
 
-import csv
 import math
 import warnings
 from collections.abc import Sequence
@@ -26,6 +25,8 @@ import numpy as np
 import torch
 from monai.metrics import compute_dice, compute_hausdorff_distance, compute_surface_dice
 from monai.networks.utils import one_hot
+
+from medcl.core.files import write_csv
 
 __all__ = ["case_metrics", "summarise", "write_metrics_csv", "METRIC_NAMES"]
 
@@ -114,12 +115,4 @@ def _nanstd(v: Sequence[float]) -> float:
 
 def write_metrics_csv(rows: list[dict[str, Any]], path: str | Path) -> Path:
     """One row per case and class: ``case, class, name, dice, hd95, nsd, ref_voxels, pred_voxels``."""
-    p = Path(path)
-    p.parent.mkdir(parents=True, exist_ok=True)
-    cols = ["case", "class", "name", *METRIC_NAMES, "ref_voxels", "pred_voxels"]
-    with open(p, "w", newline="") as f:
-        w = csv.DictWriter(f, fieldnames=cols, extrasaction="ignore")
-        w.writeheader()
-        for r in rows:
-            w.writerow({k: ("" if isinstance(r.get(k), float) and math.isnan(r[k]) else r.get(k)) for k in cols})
-    return p
+    return write_csv(path, rows, ["case", "class", "name", *METRIC_NAMES, "ref_voxels", "pred_voxels"])

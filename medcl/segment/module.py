@@ -16,7 +16,6 @@ head), each scheduled on the global step, so a resumed run continues the same sc
 
 from __future__ import annotations
 
-import math
 from typing import Any
 
 import lightning as L
@@ -24,22 +23,13 @@ import numpy as np
 import torch
 
 from medcl.config import to_dict
+from medcl.engine.schedules import lr_schedule, make_lr_scheduler
 from medcl.engine.seeding import sample_seed
 from medcl.models import Backbone
 from medcl.segment.config import FinetuneConfig
 from medcl.segment.loss import MaskedDiceCELoss, mixup, one_hot_with_ignore
 
 ENCODER_STAGES = ("encoder", "bottleneck")
-
-
-def schedule_factor(kind: str, step: int, total: int) -> float:
-    """Learning-rate multiplier at ``step`` of ``total``: ``poly`` (1 - t/T)^0.9, ``cosine`` or ``constant``."""
-    t = min(max(step, 0), total) / max(total, 1)
-    if kind == "poly":
-        return (1.0 - t) ** 0.9
-    if kind == "cosine":
-        return 0.5 * (1.0 + math.cos(math.pi * t))
-    return 1.0
 
 
 class SegmentationModule(L.LightningModule):
@@ -107,16 +97,12 @@ class SegmentationModule(L.LightningModule):
             opt = torch.optim.SGD(groups, lr=o.lr, momentum=o.momentum, nesterov=True, weight_decay=o.weight_decay)
         else:
             opt = torch.optim.AdamW(groups, lr=o.lr, weight_decay=o.weight_decay)
-        total = self.cfg.trainer.max_steps
-
-        def dec(step: int) -> float:
-            return schedule_factor(o.schedule, step, total)
+        dec = lr_schedule(self.cfg.trainer.max_steps, o.schedule)
 
         def enc(step: int) -> float:
-            return 0.0 if self.encoder_frozen_at(step) else schedule_factor(o.schedule, step, total)
+            return 0.0 if self.encoder_frozen_at(step) else dec(step)
 
-        lambdas = [dec] + ([enc] if o.mode != "frozen" else [])
-        sched = torch.optim.lr_scheduler.LambdaLR(opt, lr_lambda=lambdas)
+        sched = make_lr_scheduler(opt, [dec] + ([enc] if o.mode != "frozen" else []))
         return {"optimizer": opt, "lr_scheduler": {"scheduler": sched, "interval": "step", "frequency": 1}}
 
     # ---- training -----------------------------------------------------------------------------------

@@ -9,8 +9,9 @@ The written label map has the input's shape and affine (for a DICOM series: the 
 
 from __future__ import annotations
 
+import logging
 import os
-from collections.abc import Callable, Mapping
+from collections.abc import Mapping
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -28,6 +29,8 @@ from medcl.models import Backbone, BackboneConfig, build_backbone, load_backbone
 from medcl.segment.config import InferenceConfig
 from medcl.segment.inference import LogitsFn, logits_fn, predict_probabilities
 from medcl.segment.init import read_checkpoint
+
+log = logging.getLogger(__name__)
 
 __all__ = ["SegmentationModel", "load_model", "predict_item", "predict_volume", "predict_to_folder", "label_dtype"]
 
@@ -122,7 +125,6 @@ def predict_to_folder(
     tta: bool | None = None,
     probabilities: bool = False,
     device: str | torch.device = "cpu",
-    log: Callable[[str], None] = print,
 ) -> list[Path]:
     """Predict every volume of ``source`` (a file, a folder of volumes, a DICOM series folder or a dataset)
     into ``output/{case_id}.nii.gz`` (and ``{case_id}_probabilities.nii.gz``, ``[X, Y, Z, K]`` float32, when
@@ -154,6 +156,6 @@ def predict_to_folder(
                         out_dir / f"{case.id}_probabilities.nii.gz")
         written.append(path)
         found = ", ".join(f"{model.class_names[k]} {int((labels == k).sum())}" for k in range(1, model.num_classes))
-        log(f"[{i + 1}/{len(manifest.cases)}] {case.id}: {'x'.join(map(str, labels.shape))} voxels -> {path} "
-            f"({found} voxels)")
+        log.info("[%d/%d] %s: %s voxels -> %s (%s voxels)", i + 1, len(manifest.cases), case.id,
+                 "x".join(map(str, labels.shape)), path, found)
     return written

@@ -1,5 +1,8 @@
 """MIL heads: all multi-class and mask-aware (see :mod:`medcl.mil.heads.base` for the contract).
 
+Every head registers itself in :mod:`medcl.mil.heads.registry` (name, class, config section, what its
+instance scores are, paper); the import of each head module below runs its registration:
+
 =============  ==============================================================  ==========================
 name           head                                                            paper
 =============  ==============================================================  ==========================
@@ -10,65 +13,34 @@ gated_abmil    :class:`~medcl.mil.heads.abmil.ABMIL` (``gated=True``)         Il
 transmil       :class:`~medcl.mil.heads.transmil.TransMIL`                    Shao et al., 2021
 dsmil          :class:`~medcl.mil.heads.dsmil.DSMIL`                          Li et al., 2021
 clam_sb        :class:`~medcl.mil.heads.clam.CLAMSB`                          Lu et al., 2021
-ins            :class:`~medcl.mil.ins.INSHead`                                Qu et al., 2023
-scmil          :class:`~medcl.mil.scmil.SCMILHead` (wraps one of the above)   Juyal et al., 2024
+ins            :class:`~medcl.mil.heads.ins.INSHead`                          Qu et al., 2023
+scmil          :class:`~medcl.mil.heads.scmil.SCMILHead` (wraps one of the above)   Juyal et al., 2024
 =============  ==============================================================  ==========================
 """
 
 from __future__ import annotations
 
-from typing import TYPE_CHECKING
-
+# importing a head module runs its registration (medcl.mil.heads.registry)
 from medcl.mil.heads.abmil import ABMIL, AttentionPool
 from medcl.mil.heads.base import MILHead, MILOutput, TrainingInfo, masked_max, masked_mean, masked_softmax
 from medcl.mil.heads.clam import CLAMSB
 from medcl.mil.heads.dsmil import DSMIL
+from medcl.mil.heads.ins import INSHead
 from medcl.mil.heads.pooling import MaxPoolMIL, MeanPoolMIL
+from medcl.mil.heads.registry import (
+    HeadSpec,
+    build_head,
+    config_sections,
+    head_names,
+    head_spec,
+    instance_score_name,
+    register_head,
+)
+from medcl.mil.heads.scmil import SCMILHead
 from medcl.mil.heads.transmil import TransMIL
 
-if TYPE_CHECKING:
-    from medcl.mil.config import MILConfig
-
-HEADS = ("meanpool", "maxpool", "abmil", "gated_abmil", "transmil", "dsmil", "clam_sb", "ins", "scmil")
-
-
-def build_head(cfg: MILConfig, in_dim: int, n_classes: int, kind: str | None = None) -> MILHead:
-    """The head named by ``cfg.head`` (or ``kind``), sized to ``in_dim`` features and ``n_classes`` classes."""
-    kind = kind or cfg.head
-    enc = {"hidden": list(cfg.encoder.hidden), "dropout": cfg.encoder.dropout}
-    if kind == "meanpool":
-        return MeanPoolMIL(in_dim, n_classes, **enc)
-    if kind == "maxpool":
-        return MaxPoolMIL(in_dim, n_classes, **enc)
-    if kind in ("abmil", "gated_abmil"):
-        a = cfg.abmil
-        return ABMIL(in_dim, n_classes, **enc, attention_dim=a.attention_dim, gated=a.gated or kind == "gated_abmil",
-                     attention_dropout=a.dropout)
-    if kind == "transmil":
-        t = cfg.transmil
-        return TransMIL(in_dim, n_classes, **enc, dim=t.dim, heads=t.heads, layers=t.layers, landmarks=t.landmarks,
-                        pinv_iterations=t.pinv_iterations, attention_dropout=t.dropout)
-    if kind == "dsmil":
-        d = cfg.dsmil
-        return DSMIL(in_dim, n_classes, **enc, query_dim=d.query_dim, value_dropout=d.value_dropout,
-                     instance_weight=d.instance_weight)
-    if kind == "clam_sb":
-        c = cfg.clam
-        return CLAMSB(in_dim, n_classes, hidden=enc["hidden"], dropout=c.dropout, attention_dim=c.attention_dim, k=c.k,
-                      instance_loss=c.instance_loss, bag_weight=c.bag_weight, subtyping=c.subtyping)
-    if kind == "ins":
-        from medcl.mil.ins import INSHead
-
-        return INSHead.from_config(cfg, in_dim, n_classes)
-    if kind == "scmil":
-        from medcl.mil.scmil import SCMILHead
-
-        base = build_head(cfg, in_dim, n_classes, kind=cfg.scmil.base)
-        return SCMILHead.from_config(cfg, base)
-    raise ValueError(f"unknown MIL head '{kind}' (known: {', '.join(HEADS)})")
-
-
 __all__ = [
-    "ABMIL", "AttentionPool", "CLAMSB", "DSMIL", "HEADS", "MILHead", "MILOutput", "MaxPoolMIL", "MeanPoolMIL",
-    "TrainingInfo", "TransMIL", "build_head", "masked_max", "masked_mean", "masked_softmax",
+    "ABMIL", "AttentionPool", "CLAMSB", "DSMIL", "HeadSpec", "INSHead", "MILHead", "MILOutput", "MaxPoolMIL",
+    "MeanPoolMIL", "SCMILHead", "TrainingInfo", "TransMIL", "build_head", "config_sections", "head_names",
+    "head_spec", "instance_score_name", "masked_max", "masked_mean", "masked_softmax", "register_head",
 ]

@@ -3,10 +3,13 @@ learning", ICML), plain and gated."""
 
 from __future__ import annotations
 
+from dataclasses import dataclass
+
 import torch
 from torch import Tensor, nn
 
 from medcl.mil.heads.base import MILHead, MILOutput, masked_softmax, mlp
+from medcl.mil.heads.registry import encoder_kwargs, register_head
 
 
 class AttentionPool(nn.Module):
@@ -88,3 +91,29 @@ class ABMIL(MILHead):
         h = self.encoder(x)
         z, a, e = self.pool(h, mask)
         return MILOutput(self.classifier(z), a, z, {"attention_logits": e})
+
+
+@dataclass
+class ABMILConfig:
+    """Section ``abmil`` (also read by ``gated_abmil``)."""
+
+    attention_dim: int = 128
+    gated: bool = False
+    dropout: float = 0.0  # on the attention branch
+
+
+def _abmil(cfg, in_dim: int, n_classes: int, gated: bool) -> ABMIL:
+    a = cfg.abmil
+    return ABMIL(in_dim, n_classes, **encoder_kwargs(cfg), attention_dim=a.attention_dim, gated=a.gated or gated,
+                 attention_dropout=a.dropout)
+
+
+@register_head("abmil", ABMIL, section="abmil", section_config=ABMILConfig, instance_score="attention",
+               paper="Ilse et al., 2018")
+def _build_abmil(cfg, in_dim: int, n_classes: int) -> ABMIL:
+    return _abmil(cfg, in_dim, n_classes, gated=False)
+
+
+@register_head("gated_abmil", ABMIL, section="abmil", instance_score="attention", paper="Ilse et al., 2018 (gated)")
+def _build_gated_abmil(cfg, in_dim: int, n_classes: int) -> ABMIL:
+    return _abmil(cfg, in_dim, n_classes, gated=True)

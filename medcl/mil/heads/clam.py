@@ -3,12 +3,16 @@ images", Nature Biomedical Engineering): single-branch gated attention with inst
 
 from __future__ import annotations
 
+from dataclasses import dataclass
+
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from medcl.core.errors import MedclConfigError
 from medcl.mil.heads.abmil import AttentionPool
 from medcl.mil.heads.base import MILHead, MILOutput, mlp
+from medcl.mil.heads.registry import register_head
 
 
 class CLAMSB(MILHead):
@@ -110,3 +114,29 @@ class CLAMSB(MILHead):
         inst = self.instance_loss(output, labels)
         total = self.bag_weight * ce + (1 - self.bag_weight) * inst
         return {"loss": total, "ce": ce.detach(), "instance": inst.detach()}
+
+
+@dataclass
+class CLAMConfig:
+    """Section ``clam``."""
+
+    attention_dim: int = 128
+    dropout: float = 0.25
+    k: int = 8
+    instance_loss: bool = True
+    bag_weight: float = 0.7
+    subtyping: bool = False
+
+    def validate(self) -> None:
+        if self.k < 1:
+            raise MedclConfigError("clam.k", "must be >= 1")
+        if not 0 <= self.bag_weight <= 1:
+            raise MedclConfigError("clam.bag_weight", "must be in [0, 1]")
+
+
+@register_head("clam_sb", CLAMSB, section="clam", section_config=CLAMConfig, instance_score="attention",
+               paper="Lu et al., 2021")
+def _build_clam_sb(cfg, in_dim: int, n_classes: int) -> CLAMSB:
+    c = cfg.clam
+    return CLAMSB(in_dim, n_classes, hidden=list(cfg.encoder.hidden), dropout=c.dropout, attention_dim=c.attention_dim,
+                  k=c.k, instance_loss=c.instance_loss, bag_weight=c.bag_weight, subtyping=c.subtyping)

@@ -4,12 +4,15 @@ classification with self-supervised contrastive learning", CVPR), multi-class an
 from __future__ import annotations
 
 import math
+from dataclasses import dataclass
 
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from medcl.core.errors import MedclConfigError
 from medcl.mil.heads.base import MILHead, MILOutput, masked_softmax, mlp
+from medcl.mil.heads.registry import encoder_kwargs, register_head
 
 
 class DSMIL(MILHead):
@@ -94,3 +97,24 @@ class DSMIL(MILHead):
         max_ce = F.cross_entropy(output.extras["max_logits"], labels)
         total = (1 - self.instance_weight) * bag_ce + self.instance_weight * max_ce
         return {"loss": total, "bag_ce": bag_ce.detach(), "max_ce": max_ce.detach()}
+
+
+@dataclass
+class DSMILConfig:
+    """Section ``dsmil``."""
+
+    query_dim: int = 128
+    value_dropout: float = 0.0
+    instance_weight: float = 0.5  # weight of the max-instance CE; the bag CE gets 1 - instance_weight
+
+    def validate(self) -> None:
+        if not 0 <= self.instance_weight <= 1:
+            raise MedclConfigError("dsmil.instance_weight", "must be in [0, 1]")
+
+
+@register_head("dsmil", DSMIL, section="dsmil", section_config=DSMILConfig, instance_score="instance score",
+               paper="Li et al., 2021")
+def _build_dsmil(cfg, in_dim: int, n_classes: int) -> DSMIL:
+    d = cfg.dsmil
+    return DSMIL(in_dim, n_classes, **encoder_kwargs(cfg), query_dim=d.query_dim, value_dropout=d.value_dropout,
+                 instance_weight=d.instance_weight)

@@ -6,6 +6,7 @@ from __future__ import annotations
 from torch import Tensor, nn
 
 from medcl.mil.heads.base import MILHead, MILOutput, masked_max, masked_mean, mlp
+from medcl.mil.heads.registry import encoder_kwargs, register_head
 
 
 class MeanPoolMIL(MILHead):
@@ -72,3 +73,13 @@ class MaxPoolMIL(MILHead):
         z = masked_max(h, mask)
         argmax = h.masked_fill(~mask.unsqueeze(-1), float("-inf")).argmax(1)
         return MILOutput(self.classifier(z), None, z, {"argmax": argmax})
+
+
+@register_head("meanpool", MeanPoolMIL, instance_score="instance logit", paper="Wang et al., 2018")
+def _build_meanpool(cfg, in_dim: int, n_classes: int) -> MeanPoolMIL:
+    return MeanPoolMIL(in_dim, n_classes, **encoder_kwargs(cfg))
+
+
+@register_head("maxpool", MaxPoolMIL, instance_score="instance logit", paper="Wang et al., 2018")
+def _build_maxpool(cfg, in_dim: int, n_classes: int) -> MaxPoolMIL:
+    return MaxPoolMIL(in_dim, n_classes, **encoder_kwargs(cfg))

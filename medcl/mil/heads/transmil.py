@@ -3,11 +3,15 @@ whole slide image classification", NeurIPS), mask-aware."""
 
 from __future__ import annotations
 
+from dataclasses import dataclass
+
 import torch
 from torch import Tensor, nn
 
+from medcl.core.errors import MedclConfigError
 from medcl.mil.heads.base import MILHead, MILOutput, instance_rank, mlp
 from medcl.mil.heads.nystrom import NystromAttention
+from medcl.mil.heads.registry import encoder_kwargs, register_head
 
 
 def square_side(n: Tensor) -> Tensor:
@@ -138,3 +142,29 @@ class TransMIL(MILHead):
         z = self.norm(seq[:, 0])
         scores = first[:, 1:] * mask
         return MILOutput(self.classifier(z), scores, z, {"cls_attention": scores})
+
+
+@dataclass
+class TransMILConfig:
+    """Section ``transmil``."""
+
+    dim: int = 256
+    heads: int = 8
+    layers: int = 2
+    landmarks: int = 128
+    pinv_iterations: int = 6
+    dropout: float = 0.1
+
+    def validate(self) -> None:
+        if self.heads < 1 or self.dim % self.heads:
+            raise MedclConfigError("transmil.dim", f"must be divisible by transmil.heads ({self.heads})")
+        if self.landmarks < 1:
+            raise MedclConfigError("transmil.landmarks", "must be >= 1")
+
+
+@register_head("transmil", TransMIL, section="transmil", section_config=TransMILConfig, instance_score="attention",
+               paper="Shao et al., 2021")
+def _build_transmil(cfg, in_dim: int, n_classes: int) -> TransMIL:
+    t = cfg.transmil
+    return TransMIL(in_dim, n_classes, **encoder_kwargs(cfg), dim=t.dim, heads=t.heads, layers=t.layers,
+                    landmarks=t.landmarks, pinv_iterations=t.pinv_iterations, attention_dropout=t.dropout)

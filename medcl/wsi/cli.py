@@ -1,7 +1,9 @@
-"""Whole-slide subcommands of ``medcl mil``: ``tile``, ``extract``, ``pretrain-encoder``, ``heatmap``.
+"""Whole-slide subcommands of ``medcl mil``: ``tile``, ``extract``, ``pretrain-encoder``.
 
-``medcl.mil.cli`` (the top-level ``mil`` command) calls :func:`register` with its subparsers object. This
-module stays light: the handlers import torch, h5py, openslide and scikit-image when they run.
+They live under ``medcl mil`` (slides -> tiles -> patch features -> bags); :mod:`medcl.cli` calls
+:func:`register` with the ``mil`` command's subparsers. ``heatmap`` needs a trained MIL model and is registered
+by :mod:`medcl.mil.cli`. This module stays light: the handlers import torch, h5py, openslide and scikit-image
+when they run.
 """
 
 from __future__ import annotations
@@ -10,11 +12,10 @@ import argparse
 
 
 def register(mil_subparsers: argparse._SubParsersAction) -> None:
-    """Add the ``tile``, ``extract``, ``pretrain-encoder`` and ``heatmap`` subparsers."""
+    """Add the ``tile``, ``extract`` and ``pretrain-encoder`` subparsers."""
     _register_tile(mil_subparsers)
     _register_extract(mil_subparsers)
     _register_pretrain(mil_subparsers)
-    _register_heatmap(mil_subparsers)
 
 
 def _register_tile(sub: argparse._SubParsersAction) -> None:
@@ -88,35 +89,8 @@ def _register_pretrain(sub: argparse._SubParsersAction) -> None:
     p.set_defaults(func=_run_pretrain)
 
 
-def _register_heatmap(sub: argparse._SubParsersAction) -> None:
-    p = sub.add_parser(
-        "heatmap",
-        help="overlay a trained MIL model's attention / instance scores on the slide thumbnail",
-    )
-    p.add_argument("--slide", required=True, help="the slide file")
-    p.add_argument("--features", required=True, help="the slide's feature h5 (from 'medcl mil extract')")
-    p.add_argument("--ckpt", required=True, help="a checkpoint written by 'medcl mil train'")
-    p.add_argument("--out", required=True, help="output PNG")
-    p.add_argument("--geojson", default=None, help="also write the tiles with their scores as GeoJSON (QuPath)")
-    p.add_argument("--thumbnail-size", type=int, default=1024, help="longest side of the thumbnail")
-    p.add_argument("--alpha", type=float, default=0.5, help="opacity of the overlay")
-    p.add_argument("--cmap", default="jet", help="matplotlib colour map")
-    p.add_argument(
-        "--score", default="instance",
-        help="'instance' (the head's instance_scores: attention for ABMIL/CLAM) or a per-instance extras key",
-    )
-    p.add_argument("--class", dest="class_index", type=int, default=None,
-                   help="class of a per-class score (default: the predicted class)")
-    p.add_argument("--vmin", type=float, default=None, help="colour range minimum (default: lowest score)")
-    p.add_argument("--vmax", type=float, default=None, help="colour range maximum (default: highest score)")
-    p.add_argument("--geojson-type", default="tile", choices=["tile", "detection", "annotation"],
-                   help="QuPath objectType of the GeoJSON features (default tile)")
-    p.add_argument("--device", default="cpu")
-    p.set_defaults(func=_run_heatmap)
-
-
 def _run_tile(args: argparse.Namespace) -> int:
-    from medcl.mil.tiling import TilingParams, tile_slides
+    from medcl.wsi.tiling import TilingParams, tile_slides
 
     params = TilingParams(
         mpp=args.mpp,
@@ -135,7 +109,7 @@ def _run_extract(args: argparse.Namespace) -> int:
     import json
 
     from medcl.core.errors import MedclConfigError
-    from medcl.mil.extract import extract_features
+    from medcl.wsi.extract import extract_features
 
     kwargs = None
     if args.encoder_kwargs:
@@ -162,7 +136,7 @@ def _run_extract(args: argparse.Namespace) -> int:
 
 
 def _run_pretrain(args: argparse.Namespace) -> int:
-    from medcl.mil.pretrain_encoder import PretrainParams, pretrain_encoder
+    from medcl.wsi.pretrain_encoder import PretrainParams, pretrain_encoder
 
     params = PretrainParams(
         steps=args.steps,
@@ -178,26 +152,4 @@ def _run_pretrain(args: argparse.Namespace) -> int:
         log_every=args.log_every,
     )
     pretrain_encoder(args.tiles, args.out, params, slide_dir=args.slide_dir)
-    return 0
-
-
-def _run_heatmap(args: argparse.Namespace) -> int:
-    from medcl.mil.heatmap import draw_heatmap
-
-    draw_heatmap(
-        args.slide,
-        args.features,
-        args.ckpt,
-        args.out,
-        geojson=args.geojson,
-        thumbnail_size=args.thumbnail_size,
-        alpha=args.alpha,
-        cmap=args.cmap,
-        score=args.score,
-        class_index=args.class_index,
-        vmin=args.vmin,
-        vmax=args.vmax,
-        object_type=args.geojson_type,
-        device=args.device,
-    )
     return 0

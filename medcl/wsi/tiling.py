@@ -33,8 +33,7 @@ Output layout, per slide, in the output folder:
 
 from __future__ import annotations
 
-import csv
-import json
+import logging
 import math
 import os
 import sys
@@ -46,13 +45,16 @@ from pathlib import Path
 import numpy as np
 
 from medcl.core.errors import MedclConfigError, MedclDataError, MedclError
+from medcl.core.files import atomic_path, atomic_write_json, write_csv
 from medcl.io.slide import SLIDE_EXTENSIONS, Slide, open_slide, slide_id_from_path
-from medcl.mil.tile_io import TileSet, atomic_h5, find_h5, is_complete, load_tile_set, write_tiles_h5
-from medcl.mil.tissue import draw_tiles, tile_tissue_fraction, tissue_mask
+from medcl.wsi.tile_io import TileSet, find_h5, is_complete, load_tile_set, write_tiles_h5
+from medcl.wsi.tissue import draw_tiles, tile_tissue_fraction, tissue_mask
+
+log = logging.getLogger(__name__)
 
 __all__ = [
     "TilingParams", "LevelChoice", "TileResult", "choose_level", "tile_grid", "tile_slide", "tile_slides",
-    "find_slides", "TileSet", "load_tile_set", "find_h5", "is_complete", "atomic_h5", "tissue_mask",
+    "find_slides", "TileSet", "load_tile_set", "find_h5", "is_complete", "tissue_mask",
     "tile_tissue_fraction", "draw_tiles",
 ]
 
@@ -219,7 +221,8 @@ def tile_slide(slide_path: str | os.PathLike, out_dir: str | os.PathLike, params
             str(slide.path), sid, "done", int(len(coords)), choice.level, choice.read_size, mpp_eff
         )
         png = out / f"{sid}_tiles.png"
-        Image.fromarray(draw_tiles(thumb, mask, coords, tile0, scale)).save(png)
+        with atomic_path(png, suffix=".png") as tmp:
+            Image.fromarray(draw_tiles(thumb, mask, coords, tile0, scale)).save(tmp, format="PNG")
         result.outputs.append(str(png))
         if len(coords) == 0:
             (out / f"{sid}.h5").unlink(missing_ok=True)  # a --force re-run must not leave stale tiles
@@ -321,7 +324,7 @@ def tile_slides(
             results.append(TileResult(str(path), sid, "failed", message=f"{type(exc).__name__}: {exc}"))
     write_summary(results, out, params)
     if verbose:
-        print_summary(results)
+        log.info("%s", format_summary(results))
     return results
 
 
@@ -339,25 +342,23 @@ def write_summary(results: Sequence[TileResult], out: Path, params: TilingParams
     counts = {s: sum(r.status == s for r in results) for s in STATUSES}
     counts["tiles"] = sum(r.n_tiles for r in results if r.status in ("done", "skipped"))
     doc = {"params": asdict(params), "counts": counts, "slides": [asdict(r) for r in results]}
-    (out / "summary.json").write_text(json.dumps(doc, indent=2))
+    atomic_write_json(doc, out / "summary.json", indent=2)
     cols = ["slide_id", "status", "n_tiles", "level", "read_size", "mpp_effective", "seconds", "message", "slide"]
-    with open(out / "summary.csv", "w", newline="") as f:
-        w = csv.DictWriter(f, fieldnames=cols, extrasaction="ignore")
-        w.writeheader()
-        for r in results:
-            w.writerow(asdict(r))
+    write_csv(out / "summary.csv", [asdict(r) for r in results], cols)
 
 
-def print_summary(results: Sequence[TileResult]) -> None:
-    print(f"{'slide':<32} {'status':<10} {'tiles':>7} {'level':>5}  message")
+def format_summary(results: Sequence[TileResult]) -> str:
+    """The per-slide table and the counts, as text."""
+    lines = [f"{'slide':<32} {'status':<10} {'tiles':>7} {'level':>5}  message"]
     for r in results:
         lvl = "" if r.level is None else str(r.level)
-        print(f"{r.slide_id[:32]:<32} {r.status:<10} {r.n_tiles:>7} {lvl:>5}  {r.message}")
+        lines.append(f"{r.slide_id[:32]:<32} {r.status:<10} {r.n_tiles:>7} {lvl:>5}  {r.message}")
     counts = {s: sum(r.status == s for r in results) for s in STATUSES}
-    print(
+    lines.append(
         f"{len(results)} slides: {counts['done']} tiled, {counts['skipped']} already done, "
         f"{counts['no_tissue']} without tissue, {counts['failed']} failed; "
         f"{sum(r.n_tiles for r in results if r.status in ('done', 'skipped'))} tiles"
     )
+    return "\n".join(lines)
 
 

@@ -15,14 +15,14 @@ Views (vectorised over the batch, one ``grid_sample``):
   2019): colour deconvolution with Ruifrok & Johnston's matrix (as ``skimage.color.rgb2hed``), each stain
   channel scaled by ``U(1 - s, 1 + s)`` and shifted by ``U(-s, s)``, back to RGB (``hed2rgb``).
 
-Tiles are read on the fly by DataLoader workers (:class:`medcl.mil.extract.TileDataset`), sampled with
+Tiles are read on the fly by DataLoader workers (:class:`medcl.wsi.extract.TileDataset`), sampled with
 replacement across all slides. Writes ``encoder.pt`` (loadable by ``medcl mil extract --encoder``),
 ``metrics.csv`` and ``curves.png``.
 """
 
 from __future__ import annotations
 
-import csv
+import logging
 import math
 import os
 import sys
@@ -37,6 +37,8 @@ from skimage import color as _skc
 from torch import nn
 
 from medcl.core.errors import MedclConfigError, MedclDataError
+
+log = logging.getLogger(__name__)
 
 # Ruifrok & Johnston (2001) stain vectors, exactly scikit-image's (rows of ``rgb_from_hed``: H, E, DAB).
 _RGB_FROM_HED = torch.from_numpy(_skc.rgb_from_hed.astype("float64"))
@@ -170,13 +172,16 @@ def pretrain_encoder(
     from torch.utils.data import RandomSampler
     from tqdm.auto import tqdm
 
+    from medcl.core.device import resolve_device
+    from medcl.core.files import write_csv
     from medcl.core.record import RunRecord
     from medcl.engine.checkpoint import atomic_torch_save
     from medcl.engine.plots import plot_curves
+    from medcl.engine.schedules import lr_schedule, make_lr_scheduler
     from medcl.losses.contrastive import gr_masks, info_nce
-    from medcl.mil.encoders import build_builtin, encoder_checkpoint
-    from medcl.mil.extract import TileDataset, resolve_device, tile_loader
-    from medcl.mil.tile_io import find_h5, load_tile_set
+    from medcl.wsi.encoders import build_builtin, encoder_checkpoint
+    from medcl.wsi.extract import TileDataset, tile_loader
+    from medcl.wsi.tile_io import find_h5, load_tile_set
 
     p = params or PretrainParams()
     p.validate()
@@ -199,7 +204,7 @@ def pretrain_encoder(
     ).to(dev)
     params_all = list(encoder.parameters()) + list(projector.parameters())
     opt = torch.optim.AdamW(params_all, lr=p.lr, weight_decay=p.weight_decay)
-    sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: 0.5 * (1 + math.cos(math.pi * min(s, p.steps) / p.steps)))
+    sched = make_lr_scheduler(opt, lr_schedule(p.steps, "cosine"))
     g_data = torch.Generator().manual_seed(p.seed)
     g_aug = torch.Generator(device=dev).manual_seed(p.seed + 1)
     sampler = RandomSampler(ds, replacement=True, num_samples=p.steps * p.batch_size, generator=g_data)
@@ -242,10 +247,7 @@ def pretrain_encoder(
     bar.close()
     ds.close()
 
-    with open(out / "metrics.csv", "w", newline="") as f:
-        w = csv.DictWriter(f, fieldnames=list(rows[0]))
-        w.writeheader()
-        w.writerows(rows)
+    write_csv(out / "metrics.csv", rows)
     plot_curves(out / "metrics.csv", out / "curves.png", keys=["loss", "pos_cosine", "neg_cosine"],
                 title="patch encoder pretraining (SimCLR, HED stain jitter)")
     encoder.eval()
@@ -261,7 +263,7 @@ def pretrain_encoder(
     path = out / "encoder.pt"
     atomic_torch_save(ckpt, path)
     last = rows[-1]
-    print(
+    log.info(
         f"pretrained the patch encoder for {p.steps} steps on {len(ds)} tiles of {len(sets)} slides: "
         f"loss {rows[0]['loss']:.3f} -> {last['loss']:.3f}, positive cosine {last['pos_cosine']:.2f}, "
         f"negative cosine {last['neg_cosine']:.2f}; wrote {path}"

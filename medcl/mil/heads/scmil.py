@@ -26,15 +26,18 @@ classification loss -- and the choices below are **ours**:
 from __future__ import annotations
 
 import math
-from typing import Any
+from dataclasses import dataclass
+from typing import Any, Literal
 
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from medcl.core.errors import MedclConfigError
 from medcl.losses import info_nce, label_masks
 from medcl.mil.augment import subsample_instances
 from medcl.mil.heads.base import MILHead, MILOutput, TrainingInfo
+from medcl.mil.heads.registry import build_head, head_spec, register_head
 
 
 def transition_weight(progress: float, schedule: str = "parabolic", switch: float = 0.5) -> float:
@@ -132,3 +135,29 @@ class SCMILHead(MILHead):
         out = {k: v.detach() for k, v in terms.items() if k != "loss"}
         out.update(loss=total, contrastive=con.detach(), cls=terms["loss"].detach(), cls_weight=torch.tensor(w))
         return out
+
+
+@dataclass
+class SCMILConfig:
+    """Section ``scmil``: ``base`` is any registered head that does not itself wrap one."""
+
+    base: str = "abmil"
+    proj_dim: int = 64
+    temperature: float = 0.1
+    schedule: Literal["parabolic", "linear", "cosine", "step"] = "parabolic"
+    switch: float = 0.5  # 'step' schedule: fraction of training spent on the contrastive loss alone
+    keep: tuple[float, float] = (0.5, 0.9)  # range of the fraction of instances kept in each view
+
+    def validate(self) -> None:
+        if head_spec(self.base, "scmil.base").wraps:
+            raise MedclConfigError("scmil.base", f"'{self.base}' wraps another head itself; choose a plain head")
+        if not 0 < self.keep[0] <= self.keep[1] <= 1:
+            raise MedclConfigError("scmil.keep", "must be 0 < low <= high <= 1")
+        if not 0 <= self.switch <= 1:
+            raise MedclConfigError("scmil.switch", "must be in [0, 1]")
+
+
+@register_head("scmil", SCMILHead, section="scmil", section_config=SCMILConfig, instance_score="instance score",
+               paper="Juyal et al., 2024", wraps=True)
+def _build_scmil(cfg, in_dim: int, n_classes: int) -> SCMILHead:
+    return SCMILHead.from_config(cfg, build_head(cfg, in_dim, n_classes, kind=cfg.scmil.base))

@@ -1,4 +1,4 @@
-"""Tissue detection on slide thumbnails and the per-tile tissue fraction (used by :mod:`medcl.mil.tiling`).
+"""Tissue detection on slide thumbnails and the per-tile tissue fraction (used by :mod:`medcl.wsi.tiling`).
 
 The mask follows the usual recipe of whole-slide pipelines (CLAM, Lu et al. 2021, thresholds saturation
 with Otsu on a downsampled slide): stained tissue is coloured while glass, background and most dust are

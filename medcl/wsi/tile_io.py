@@ -1,4 +1,4 @@
-"""Tile files of ``medcl mil tile``: atomic writing, completeness, reading back (layout: :mod:`medcl.mil.tiling`)."""
+"""Tile files of ``medcl mil tile``: atomic writing, completeness, reading back (layout: :mod:`medcl.wsi.tiling`)."""
 
 from __future__ import annotations
 
@@ -10,6 +10,7 @@ from pathlib import Path
 import numpy as np
 
 from medcl.core.errors import MedclDataError
+from medcl.core.files import atomic_path
 
 
 def is_complete(h5_path: Path) -> bool:
@@ -25,17 +26,11 @@ def is_complete(h5_path: Path) -> bool:
         return False
 
 
-def atomic_h5(path: Path) -> Path:
-    """A temp path next to ``path``: writers fill it and ``os.replace`` it onto ``path`` (atomic)."""
-    return path.with_name(f".{path.name}.{os.getpid()}.tmp")
-
-
 def write_tiles_h5(path: Path, coords: np.ndarray, fractions: np.ndarray, attrs: dict) -> None:
     """Write a tile file atomically: ``coords`` [N, 2] int64, ``tissue_fraction`` [N], ``attrs``, ``complete``."""
     import h5py
 
-    tmp = atomic_h5(path)
-    try:
+    with atomic_path(path) as tmp:
         with h5py.File(tmp, "w") as f:
             d = f.create_dataset("coords", data=coords.astype(np.int64))
             d.attrs["patch_level"] = attrs["level"]
@@ -44,15 +39,11 @@ def write_tiles_h5(path: Path, coords: np.ndarray, fractions: np.ndarray, attrs:
             for k, v in attrs.items():
                 f.attrs[k] = v
             f.attrs["complete"] = True
-        os.replace(tmp, path)
-    finally:
-        if tmp.exists():
-            tmp.unlink()
 
 
 @dataclass
 class TileSet:
-    """A tile file read back: coordinates ``[N, 2]`` int64 and the attributes (see :mod:`medcl.mil.tiling`)."""
+    """A tile file read back: coordinates ``[N, 2]`` int64 and the attributes (see :mod:`medcl.wsi.tiling`)."""
 
     path: Path
     slide_id: str

@@ -9,16 +9,19 @@ keys gathered over all ranks, so every rank keeps the same state.
 from __future__ import annotations
 
 import copy
+from dataclasses import dataclass
 from typing import Any
 
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from medcl.core.errors import MedclConfigError
 from medcl.losses import ContrastIds, KeyQueue, gather_no_grad, info_nce, is_distributed, queue_size_for
 from medcl.mil.augment import feature_augment, subsample_instances
 from medcl.mil.heads.abmil import AttentionPool
 from medcl.mil.heads.base import MILHead, MILOutput, TrainingInfo, mlp
+from medcl.mil.heads.registry import register_head
 
 
 class INSHead(MILHead):
@@ -273,3 +276,35 @@ class INSHead(MILHead):
         wi, wc, wb = self.weights
         total = wi * loss_cls + wc * loss_con + wb * loss_bag
         return {"loss": total, "instance": loss_cls.detach(), "contrastive": loss_con.detach(), "bag": loss_bag.detach()}
+
+
+@dataclass
+class INSConfig:
+    """Section ``ins``."""
+
+    proj_dim: int = 64
+    queue_size: int = 4096  # capped at the number of training instances
+    momentum: float = 0.99  # momentum encoder
+    proto_momentum: float = 0.99
+    conf_momentum: tuple[float, float] = (0.95, 0.8)  # pseudo-label EMA, linear from first to last epoch
+    temperature: float = 0.1
+    negative_class: int | None = 0  # class of bags that hold only negative instances (None: no such class)
+    warmup: float = 0.1  # fraction of training before pseudo-labels start moving
+    instance_weight: float = 1.0
+    contrastive_weight: float = 0.5
+    bag_weight: float = 1.0
+    feature_dropout: float = 0.1
+    noise: float = 0.1
+    keep: float = 0.8  # instance subsampling: fraction of a bag's instances kept in a training step
+
+    def validate(self) -> None:
+        if not 0 < self.keep <= 1:
+            raise MedclConfigError("ins.keep", "must be in (0, 1]")
+        if self.queue_size < 1:
+            raise MedclConfigError("ins.queue_size", "must be >= 1")
+
+
+@register_head("ins", INSHead, section="ins", section_config=INSConfig, instance_score="instance probability",
+               paper="Qu et al., 2023")
+def _build_ins(cfg, in_dim: int, n_classes: int) -> INSHead:
+    return INSHead.from_config(cfg, in_dim, n_classes)

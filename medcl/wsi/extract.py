@@ -1,6 +1,6 @@
 """Patch features for tiled slides: tiles are read by DataLoader workers and encoded in batches.
 
-Input: the ``{slide_id}.h5`` tile files of ``medcl mil tile`` (:mod:`medcl.mil.tiling`). Each tile is read at
+Input: the ``{slide_id}.h5`` tile files of ``medcl mil tile`` (:mod:`medcl.wsi.tiling`). Each tile is read at
 the recorded ``level`` as ``read_size`` pixels and resized to ``tile_size`` when the level did not match the
 target mpp, so the encoder sees tiles at the target microns per pixel.
 
@@ -16,6 +16,7 @@ Resumable: a slide whose feature file is complete and was made by the same encod
 
 from __future__ import annotations
 
+import logging
 import os
 import sys
 import time
@@ -28,9 +29,13 @@ import numpy as np
 import torch
 from torch.utils.data import DataLoader, Dataset
 
+from medcl.core.device import resolve_device
 from medcl.core.errors import MedclDataError
+from medcl.core.files import atomic_path
 from medcl.io.slide import Slide, open_slide
-from medcl.mil.tile_io import TileSet, atomic_h5, find_h5, is_complete, load_tile_set
+from medcl.wsi.tile_io import TileSet, find_h5, is_complete, load_tile_set
+
+log = logging.getLogger(__name__)
 
 
 class TileDataset(Dataset):
@@ -41,7 +46,7 @@ class TileDataset(Dataset):
     cross a fork.
 
     Args:
-        tile_sets: the slides' tile files (:func:`medcl.mil.tiling.load_tile_set`).
+        tile_sets: the slides' tile files (:func:`medcl.wsi.tiling.load_tile_set`).
         max_open: slide handles kept open per process.
 
     Item ``i`` (tiles of the first set first, in file order): ``{"image": uint8 [3, S, S], "index": i}``
@@ -106,18 +111,6 @@ class TileDataset(Dataset):
             self._handles.popitem()[1].close()
 
 
-def resolve_device(device: str) -> torch.device:
-    """``auto`` -> CUDA when available, else CPU; anything else as ``torch.device``."""
-    if device == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    try:
-        return torch.device(device)
-    except RuntimeError as exc:
-        from medcl.core.errors import MedclConfigError
-
-        raise MedclConfigError("device", f"{device!r} is not a torch device ({exc})") from exc
-
-
 def tile_loader(dataset: Dataset, batch_size: int, workers: int, device: torch.device, **kw) -> DataLoader:
     """The DataLoader tiles are read through (workers read and decode; the main process encodes)."""
     return DataLoader(
@@ -164,10 +157,9 @@ def extract_slide(
     n = len(ds)
     dim = int(encoder.dim)
     amp = device.type == "cuda"
-    tmp = atomic_h5(out_path)
     t0 = time.perf_counter()
     try:
-        with h5py.File(tmp, "w") as f:
+        with atomic_path(out_path) as tmp, h5py.File(tmp, "w") as f:
             feats = f.create_dataset("features", shape=(n, dim), dtype="float32")
             f.create_dataset("coords", data=tile_set.coords.astype(np.int64))
             for k, v in tile_set.attrs.items():
@@ -188,11 +180,8 @@ def extract_slide(
                     bar.update(len(idx))
             bar.close()
             f.attrs["complete"] = True
-        os.replace(tmp, out_path)
     finally:
         ds.close()
-        if tmp.exists():
-            tmp.unlink()
     dt = time.perf_counter() - t0
     return ExtractResult(tile_set.slide_id, "done", n, dim, dt, n / max(dt, 1e-9), str(out_path))
 
@@ -220,7 +209,7 @@ def extract_features(
     """Extract features for every tile file in ``inputs`` (files or folders) into ``out_dir``.
 
     Args:
-        encoder: a spec for :func:`medcl.mil.encoders.build_encoder` or a built :class:`PatchEncoder`.
+        encoder: a spec for :func:`medcl.wsi.encoders.build_encoder` or a built :class:`PatchEncoder`.
         workers: DataLoader worker processes reading tiles (0: read in the main process).
         device: ``auto``, ``cpu``, ``cuda``, ...
         slide_dir: where to find the slides when they moved since tiling.
@@ -229,7 +218,7 @@ def extract_features(
     A slide that cannot be read is reported and skipped; the batch goes on. Prints per-slide and overall
     patches/s. Returns one :class:`ExtractResult` per tile file.
     """
-    from medcl.mil.encoders import build_encoder
+    from medcl.wsi.encoders import build_encoder
 
     dev = resolve_device(device)
     enc = build_encoder(encoder, input_size=input_size, encoder_kwargs=encoder_kwargs) if isinstance(encoder, str) else encoder
@@ -245,7 +234,7 @@ def extract_features(
             ts = load_tile_set(h5, slide_dir=slide_dir)
         except MedclDataError as exc:
             results.append(ExtractResult(h5.stem, "failed", message=exc.problem))
-            print(f"{h5.stem}: failed: {exc}")
+            log.warning("%s: failed: %s", h5.stem, exc)
             continue
         target = out / f"{ts.slide_id}.h5"
         if target.resolve() == h5.resolve():
@@ -253,12 +242,12 @@ def extract_features(
         if not force and is_complete(target) and _same_encoder(target, enc.name):
             results.append(ExtractResult(ts.slide_id, "skipped", len(ts.coords), enc.dim, path=str(target),
                                          message="already extracted (use --force to redo)"))
-            print(f"{ts.slide_id}: already extracted, skipped")
+            log.info("%s: already extracted, skipped", ts.slide_id)
             continue
         if not Path(ts.slide_path).is_file():
             msg = f"slide not found at {ts.slide_path} (recorded in {h5.name}); pass --slide-dir if it moved"
             results.append(ExtractResult(ts.slide_id, "failed", len(ts.coords), message=msg))
-            print(f"{ts.slide_id}: failed: {msg}")
+            log.warning("%s: failed: %s", ts.slide_id, msg)
             continue
         try:
             r = extract_slide(ts, enc, target, batch_size, workers, dev, progress)
@@ -268,13 +257,14 @@ def extract_features(
             r = ExtractResult(ts.slide_id, "failed", len(ts.coords), message=str(exc).strip().splitlines()[-1])
         results.append(r)
         if r.status == "done":
-            print(f"{r.slide_id}: {r.n_tiles} tiles -> [{r.n_tiles}, {r.dim}] features, {r.patches_per_s:.1f} patches/s")
+            log.info("%s: %d tiles -> [%d, %d] features, %.1f patches/s", r.slide_id, r.n_tiles, r.n_tiles, r.dim,
+                     r.patches_per_s)
         else:
-            print(f"{r.slide_id}: failed: {r.message}")
+            log.warning("%s: failed: %s", r.slide_id, r.message)
     done = [r for r in results if r.status == "done"]
     n = sum(r.n_tiles for r in done)
     secs = sum(r.seconds for r in done)
-    print(
+    log.info(
         f"extracted {n} tiles from {len(done)} slides ({sum(r.status == 'skipped' for r in results)} skipped, "
         f"{sum(r.status == 'failed' for r in results)} failed) with {enc.name} on {dev}: "
         f"{n / secs if secs > 0 else 0.0:.1f} patches/s"
