@@ -44,6 +44,7 @@ import torch
 import torch.nn.functional as F
 from _memory import profiled_peak_mb  # benchmarks/ is on sys.path when a script runs
 
+from medcl.core.device import resolve_device
 from medcl.losses import gr_masks, info_nce, local_contrastive_loss
 from medcl.losses.local import read_features
 
@@ -237,8 +238,9 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--repeats", type=int, default=7, help="training-step repeats per variant")
     p.add_argument("--local-repeats", type=int, default=5)
     p.add_argument("--threads", type=int, default=0, help="torch threads (0: leave the default)")
-    p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    p.add_argument("--device", default="auto")
     args = p.parse_args(argv)
+    args.device = str(resolve_device(args.device))
     if args.threads:
         torch.set_num_threads(args.threads)
     report = {

@@ -32,6 +32,7 @@ from collections.abc import Callable
 import torch
 from _memory import profiled_peak_mb  # benchmarks/ is on sys.path when a script runs
 
+from medcl.core.device import resolve_device
 from medcl.mil.config import MILConfig
 from medcl.mil.heads import MILHead, build_head
 
@@ -130,13 +131,14 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--dim", type=int, default=1024)
     p.add_argument("--batch", type=int, default=1, help="bags per step (bags after the first are 25%% padding)")
     p.add_argument("--steps", type=int, default=3, help="timed steps per case (median reported)")
-    p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    p.add_argument("--device", default="auto")
     p.add_argument("--threads", type=int, default=None, help="torch CPU threads (1 on a shared machine)")
     return p.parse_args(argv)
 
 
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
+    args.device = str(resolve_device(args.device))
     if args.threads:
         torch.set_num_threads(args.threads)
     result = {

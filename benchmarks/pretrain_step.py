@@ -30,6 +30,7 @@ import torch
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
+from medcl.core.device import resolve_device  # noqa: E402
 from medcl.pretrain.run import resolve_config  # noqa: E402
 
 METHOD_FILES = {"gd": "gd", "gd+local": "gd_local", "gd+local-joint": "gd_local_joint", "voco": "voco", "anatomical": "anatomical", "gr": "gr", "structural": "structural"}
@@ -189,7 +190,7 @@ def main() -> None:
     args = p.parse_args()
     if args.threads:
         torch.set_num_threads(args.threads)
-    on_gpu = args.device in ("cuda", "gpu") or (args.device == "auto" and torch.cuda.is_available())
+    on_gpu = resolve_device(args.device).type == "cuda"
     args.size = args.size or (96 if on_gpu else 48)
     with tempfile.TemporaryDirectory() as tmp:
         data = Path(args.data) if args.data else None

@@ -297,7 +297,9 @@ def main(argv: list[str] | None = None) -> int:
     out.mkdir(parents=True, exist_ok=True)
     import torch
 
-    gpu = torch.cuda.get_device_name(0) if torch.cuda.is_available() else None
+    from medcl.core.device import cuda_available
+
+    gpu = torch.cuda.get_device_name(0) if cuda_available() else None
     report: dict[str, Any] = {
         "command": shlex.join(["python", "benchmarks/run_all.py", *(argv if argv is not None else sys.argv[1:])]),
         "quick": args.quick, "threads": args.threads, "started": time.strftime("%Y-%m-%d %H:%M:%S %Z"),

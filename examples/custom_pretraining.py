@@ -26,6 +26,7 @@ import torch
 import yaml
 
 from medcl.config import load_config
+from medcl.core.device import resolve_device, torch_threads
 from medcl.core.provenance import ViewBatch
 from medcl.core.record import RunRecord
 from medcl.data import CaseDataset, PreprocessingPlan, load_manifest, write_phantom_dataset
@@ -65,12 +66,9 @@ def main(argv: list[str] | None = None) -> dict:
     ap.add_argument("--run-config", action="store_true", help="also run the YAML config with medcl.pretrain")
     ap.add_argument("--device", default="auto", help="auto (a GPU when there is one), cpu or cuda")
     ap.add_argument("--threads", type=int, default=1, help="torch CPU threads (1: fastest on a busy CPU; 0: default)")
-    args, threads = ap.parse_args(argv), torch.get_num_threads()
-    torch.set_num_threads(args.threads or threads)
-    try:
+    args = ap.parse_args(argv)
+    with torch_threads(args.threads):
         return run(args)
-    finally:
-        torch.set_num_threads(threads)
 
 
 def run(args: argparse.Namespace) -> dict:
@@ -88,7 +86,7 @@ def run(args: argparse.Namespace) -> dict:
     masking = BlockMasking(MASK_RATIO, MASK_BLOCK)
     # 3. backbone with named stages and two heads
     arch = BackboneConfig(in_channels=max(1, len(manifest.channel_names)), filters=(8, 16, 32), strides=(1, 2, 2))
-    dev = torch.device(args.device if args.device != "auto" else "cuda" if torch.cuda.is_available() else "cpu")
+    dev = resolve_device(args.device)
     torch.manual_seed(0)
     net = build_backbone(arch).to(dev)
     last = net.decoder_stage_names[-1]

@@ -21,8 +21,7 @@ import json
 import tempfile
 from pathlib import Path
 
-import torch
-
+from medcl.core.device import resolve_device, torch_threads
 from medcl.data import load_manifest, write_phantom_dataset
 from medcl.io import read_volume
 from medcl.pretrain import run_pretrain
@@ -45,12 +44,8 @@ def main(argv: list[str] | None = None) -> dict:
     ap.add_argument("--device", default="auto")
     ap.add_argument("--threads", type=int, default=1, help="torch CPU threads (1: fastest on a busy CPU; 0: default)")
     args = ap.parse_args(argv)
-    threads = torch.get_num_threads()
-    torch.set_num_threads(args.threads or threads)
-    try:
+    with torch_threads(args.threads):
         return run(args)
-    finally:
-        torch.set_num_threads(threads)
 
 
 def run(args: argparse.Namespace) -> dict:
@@ -85,7 +80,7 @@ def run(args: argparse.Namespace) -> dict:
           f"with {len(labelled)} labelled volumes and {result.summary['steps']} steps")
 
     # predict one volume in its original geometry with the saved model (model.pt holds plan + run record)
-    dev = "cuda" if args.device != "cpu" and torch.cuda.is_available() else "cpu"
+    dev = resolve_device(args.device)
     model = load_model(result.model_path, device=dev)
     image = load_manifest(data).case(test[0]).images[0]
     pred_path = predict_to_folder(model, image, out / "predictions", device=dev)[0]

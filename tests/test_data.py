@@ -138,7 +138,7 @@ def test_plan_round_trip_yaml_and_errors(tmp_path):
     plan = PreprocessingPlan(spacing=(1.0, 2.0, 3.0), intensity=[{"scheme": "ct", "window": (-100, 200)}],
                              crop_foreground=True, labels={0: "bg", 1: "organ"}, channel_names=["CT"])
     d = plan.to_dict()
-    assert json.loads(json.dumps(d, default=str)) is not None
+    assert json.loads(json.dumps(d))["spacing"] == [1.0, 2.0, 3.0]  # plain JSON types only: no default= needed
     assert PreprocessingPlan.from_dict(d) == plan
     assert PreprocessingPlan.from_dict(json.loads(json.dumps(d))) == plan  # int label keys came back as str
     assert plan.cache_key() == PreprocessingPlan.from_dict(d).cache_key()

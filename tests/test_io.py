@@ -158,7 +158,6 @@ def _nifti(path: Path, data: np.ndarray, affine=None) -> Path:
 # real data
 
 
-@pytest.mark.realdata
 def test_hippocampus_nifti_matches_nibabel(shared_data):
     img_path = sorted((shared_data / "hippocampus" / "imagesTr").glob("*.nii.gz"))[0]
     lab_path = shared_data / "hippocampus" / "labelsTr" / img_path.name
@@ -172,7 +171,6 @@ def test_hippocampus_nifti_matches_nibabel(shared_data):
     assert set(np.unique(lab.array).tolist()) <= {0, 1, 2} and lab.array.max() > 0
 
 
-@pytest.mark.realdata
 def test_ct_series_geometry_values_and_simpleitk_agreement(shared_data):
     folder = shared_data / "dicom_ct" / "series"
     vol = read_volume(folder)
@@ -201,7 +199,6 @@ def test_ct_series_geometry_values_and_simpleitk_agreement(shared_data):
     ]
 
 
-@pytest.mark.realdata
 def test_nrrd_brain_and_mask(shared_data):
     vol = read_volume(shared_data / "nrrd" / "brain1_image.nrrd")
     assert vol.shape == (256, 256, 25)

@@ -17,9 +17,9 @@ from medcl.mil.bags import Bag, BagDataset, collate_bags
 from medcl.mil.config import MILConfig
 from medcl.mil.heads import TrainingInfo, build_head
 from medcl.mil.heads.ins import INSHead
+from medcl.mil.heads.scmil import SCMILHead, transition_weight
 from medcl.mil.metrics import binary_auc
 from medcl.mil.sampling import BagBatchSampler
-from medcl.mil.heads.scmil import SCMILHead, transition_weight
 from medcl.mil.train import evaluate, fit_head
 
 D = 8

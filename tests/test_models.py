@@ -31,13 +31,6 @@ from medcl.models import (
 
 needs_einops = pytest.mark.skipif(importlib.util.find_spec("einops") is None, reason="SwinUNETR needs einops")
 
-@pytest.fixture(autouse=True)
-def _one_thread():
-    """Tiny tensors: intra-op threads only add synchronisation (badly so on a busy shared CPU)."""
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
 
 
 SMALL = {"filters": (8, 16, 32, 64), "strides": (1, 2, 2, 2)}

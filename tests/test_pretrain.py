@@ -150,7 +150,7 @@ def test_resume_after_sigkill_gives_the_same_weights(phantoms, tmp_path):
     killed = tmp_path / "killed"
     cmd = [sys.executable, "-m", "medcl.cli", "pretrain", "--config", str(CONFIGS / "gd.yaml"), "--data", str(phantoms),
            "--out", str(killed), "--max-steps", str(steps), "--no-progress", *RESUME]
-    env = {**os.environ, "PYTHONPATH": str(ROOT)}
+    env = {**os.environ, "PYTHONPATH": str(ROOT), "OMP_NUM_THREADS": "1"}  # the in-process run has one thread too
     proc = subprocess.Popen(cmd, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, start_new_session=True)
     target = killed / "checkpoints" / "step=4.ckpt"
     deadline = time.time() + 240

@@ -17,15 +17,6 @@ from medcl.data import Case, Manifest
 from medcl.segment.loss import MaskedDiceCELoss, mixup, one_hot_with_ignore
 from medcl.segment.metrics import case_metrics
 
-
-@pytest.fixture(autouse=True)
-def _one_thread():
-    """One torch thread in these tests (several are much slower on a shared CPU); restored afterwards."""
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
-
 # ------------------------------------------------------------------------------------------------ loss
 
 

@@ -5,7 +5,6 @@ from __future__ import annotations
 
 import monai  # noqa: F401  (imported once per session)
 import numpy as np
-import pytest
 import torch
 from _geometry import oblique_affine
 
@@ -18,13 +17,6 @@ from medcl.segment.predict import predict_volume
 STEP = 100.0  # the "image" encodes label k as intensity k * STEP
 
 
-@pytest.fixture(autouse=True)
-def _one_thread():
-    """One torch thread in these tests (several are much slower on a shared CPU); restored afterwards."""
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
 
 
 def nearest_level_logits(x: torch.Tensor, k: int = 4) -> torch.Tensor:
@@ -87,7 +79,6 @@ def test_predict_round_trip_oblique_non_ras_phantom_is_voxel_exact():
     assert (pred2 == truth).mean() > 0.98
 
 
-@pytest.mark.realdata
 def test_predict_dicom_series_in_series_geometry(shared_data, tmp_path):
     import SimpleITK as sitk
 

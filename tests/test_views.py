@@ -50,14 +50,6 @@ from medcl.views.crop import inside_fraction
 NO_INTENSITY = None
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    """These tensors are tiny: one intra-op thread is fastest, and on a shared, oversubscribed machine
-    OpenMP threads waiting for each other made these tests ~100x slower."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
 
 
 def gen(seed: int = 0) -> torch.Generator:
@@ -609,7 +601,6 @@ def test_source_volume_from_item_norm_and_errors():
         SourceVolume.from_item({"image": torch.zeros(1, 4, 4, 4), "id": "case8"}, 8)
 
 
-@pytest.mark.realdata
 def test_samplers_on_a_real_hippocampus_crop(shared_data):
     import nibabel as nib
 

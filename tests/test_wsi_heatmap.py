@@ -18,11 +18,11 @@ from skimage.color import hed2rgb, rgb2hed
 
 from medcl.cli import main
 from medcl.io.slide import open_slide
-from medcl.wsi.encoders import build_builtin, build_encoder
 from medcl.mil.heads import build_head
 from medcl.mil.heatmap import read_bag_features
-from medcl.wsi.pretrain_encoder import dihedral, hed_jitter, hed_to_rgb, random_views, rgb_to_hed
 from medcl.mil.train import save_mil_model
+from medcl.wsi.encoders import build_builtin, build_encoder
+from medcl.wsi.pretrain_encoder import dihedral, hed_jitter, hed_to_rgb, random_views, rgb_to_hed
 
 CMU = "wsi/CMU-1-Small-Region.svs"
 

@@ -52,13 +52,6 @@ def affine_from_itk(origin, spacing, direction) -> np.ndarray:
     return lps_to_ras(lps)
 
 
-def is_oblique(affine: np.ndarray, tol: float = 1e-4) -> bool:
-    """True when the voxel axes are not aligned with the world axes."""
-    a = np.asarray(affine, dtype=np.float64)[:3, :3]
-    a = a / np.maximum(spacing_from_affine(affine), 1e-12)[None, :]
-    return bool(np.any((np.abs(a) > tol) & (np.abs(a) < 1 - tol)))
-
-
 @dataclass
 class Volume:
     """Voxels plus geometry, as every medcl reader returns them.

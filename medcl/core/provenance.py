@@ -106,10 +106,6 @@ class ViewBatch:
         """``[..., 4, 4]`` map from voxels of views ``a`` to voxel coordinates of views ``b``."""
         return torch.linalg.inv(self.affine[b]) @ self.affine[a]
 
-    def normalised_affine(self) -> torch.Tensor:
-        """``[N, 4, 4]`` view voxel -> normalised foreground-box coordinates of its source."""
-        return self.norm @ self.affine
-
     def select(self, index: torch.Tensor | Sequence[int]) -> ViewBatch:
         """A sub-batch (rows ``index``)."""
         idx = torch.as_tensor(index, dtype=torch.long, device=self.views.device)

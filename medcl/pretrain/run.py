@@ -19,7 +19,7 @@ import json
 import logging
 import resource
 import time
-from dataclasses import replace
+from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any
 
@@ -150,22 +150,43 @@ def run_pretrain(
     """
     import lightning as L
 
-    from medcl.data import CaseDataset, load_manifest
-    from medcl.pretrain.data import PretrainDataModule, PretrainStream
-    from medcl.pretrain.module import PretrainModule
-    from medcl.pretrain.probe import ProbeCallback
-    from medcl.views import SourceVolume
-
     out = Path(out)
-    ckpt = None
-    if resume:
-        ckpt = last_checkpoint(out)
-        if ckpt is None or not (out / "config.yaml").is_file():
-            raise MedclDataError(out, "nothing to resume: no checkpoints/last.ckpt and config.yaml in the run folder")
-        cfg = resolve_config(out / "config.yaml", overrides, max_steps, seed)
-    else:
-        cfg = resolve_config(config, overrides, max_steps, seed)
+    cfg, ckpt = _resolve_run(config, out, resume, overrides, max_steps, seed)
     L.seed_everything(cfg.seed, workers=True, verbose=False)
+    cases_used = _select_cases(cfg, data, cases, out if resume else None)
+    cfg = cases_used.cfg
+    record = _start_run_folder(cfg, out, resume, cases_used, data)
+    run = _fit(cfg, record, cases_used, out, ckpt, device, progress, resume)
+    if run.trainer.is_global_zero:
+        _finish(cfg, record, run, out)
+    return out
+
+
+def _resolve_run(config: str | Path | PretrainConfig | None, out: Path, resume: bool, overrides: list[str] | None,
+                 max_steps: int | None, seed: int | None) -> tuple[PretrainConfig, Path | None]:
+    """The config (the saved one when resuming) and the checkpoint to resume from (or None)."""
+    if not resume:
+        return resolve_config(config, overrides, max_steps, seed), None
+    ckpt = last_checkpoint(out)
+    if ckpt is None or not (out / "config.yaml").is_file():
+        raise MedclDataError(out, "nothing to resume: no checkpoints/last.ckpt and config.yaml in the run folder")
+    return resolve_config(out / "config.yaml", overrides, max_steps, seed), ckpt
+
+
+@dataclass
+class _Cases:
+    """The dataset and the cases a run trains on and probes with (``cfg`` with the data's channel count)."""
+
+    cfg: PretrainConfig
+    manifest: Any
+    train: list[str]
+    probe: list[str]
+
+
+def _select_cases(cfg: PretrainConfig, data: str | Path, cases: list[str] | None, resumed: Path | None) -> _Cases:
+    """Training and probe volumes: ``cases`` (e.g. a split's pool) or every volume, with probe volumes held back;
+    a resumed run keeps exactly the cases of the interrupted one."""
+    from medcl.data import load_manifest
 
     manifest = load_manifest(data)
     ids = [c.id for c in manifest.cases]
@@ -180,34 +201,54 @@ def run_pretrain(
     if cfg.backbone.in_channels != n_channels:
         cfg = replace(cfg, backbone=replace(cfg.backbone, in_channels=n_channels))
     train_ids, probe_ids = split_probe_cases(ids, cfg.data.probe_volumes, cfg.seed)
-    if resume and (out / "record.json").is_file():
-        # the resumed run trains on exactly the cases of the interrupted one (e.g. a split's pool)
-        previous = json.loads((out / "record.json").read_text())
+    if resumed is not None and (resumed / "record.json").is_file():
+        previous = json.loads((resumed / "record.json").read_text())
         train_ids, probe_ids = list(previous["cases_seen"]), list(previous.get("probe_cases", []))
         missing = sorted(set(train_ids + probe_ids) - {c.id for c in manifest.cases})
         if missing:
             raise MedclDataError(data, f"the run being resumed used cases that are not in this dataset: {missing[:5]}")
+    return _Cases(cfg, manifest, train_ids, probe_ids)
+
+
+def _start_run_folder(cfg: PretrainConfig, out: Path, resume: bool, cases: _Cases, data: str | Path
+                      ) -> dict[str, Any]:
+    """``config.yaml`` (new runs) and ``record.json``; returns the run record that goes into every checkpoint."""
     out.mkdir(parents=True, exist_ok=True)
     if not resume:
         save_config(cfg, out / "config.yaml")
-
-    record = RunRecord(
-        kind="pretrain",
-        config=to_dict(cfg),
-        plan=cfg.data.plan.to_dict(),
-        cases_seen=train_ids,
-        test_cases=[],
-    ).to_dict()
-    record["probe_cases"] = probe_ids
+    record = RunRecord(kind="pretrain", config=to_dict(cfg), plan=cfg.data.plan.to_dict(), cases_seen=cases.train,
+                       test_cases=[]).to_dict()
+    record["probe_cases"] = cases.probe
     record["data"] = str(data)
     atomic_write_json(record, out / "record.json")
+    return record
+
+
+@dataclass
+class _Fitted:
+    """What training leaves for the last step."""
+
+    trainer: Any
+    module: Any
+    probe: Any
+    timer: _StepTimer
+
+
+def _fit(cfg: PretrainConfig, record: dict[str, Any], cases: _Cases, out: Path, ckpt: Path | None, device: str,
+         progress: bool, resume: bool) -> _Fitted:
+    """Datasets (decoded once, cached), the view stream, the module, the probe; train (or resume) to the end."""
+    from medcl.data import CaseDataset
+    from medcl.pretrain.data import PretrainDataModule, PretrainStream
+    from medcl.pretrain.module import PretrainModule
+    from medcl.pretrain.probe import ProbeCallback
+    from medcl.views import SourceVolume
 
     cache_kw: dict[str, Any] = {"cache": cfg.data.cache}
     if cfg.data.cache_dir:
         cache_kw["cache_dir"] = cfg.data.cache_dir
-    sel = lambda keep: [c for c in manifest.cases if c.id in set(keep)]  # noqa: E731
-    train_ds = CaseDataset(manifest, cfg.data.plan, cases=sel(train_ids), with_label=False, **cache_kw)
-    probe_ds = CaseDataset(manifest, cfg.data.plan, cases=sel(probe_ids), with_label=False, cache="none")
+    sel = lambda keep: [c for c in cases.manifest.cases if c.id in set(keep)]  # noqa: E731
+    train_ds = CaseDataset(cases.manifest, cfg.data.plan, cases=sel(cases.train), with_label=False, **cache_kw)
+    probe_ds = CaseDataset(cases.manifest, cfg.data.plan, cases=sel(cases.probe), with_label=False, cache="none")
     _prewarm(train_ds, progress)
     probe_vols = [SourceVolume.from_item(probe_ds[i], source_id=i) for i in range(len(probe_ds))]
 
@@ -234,33 +275,37 @@ def run_pretrain(
         cfg.trainer, out, device, callbacks=[probe, timer.callback], enable_progress_bar=progress, csv_version=csv_version
     )
     trainer.fit(module, datamodule=PretrainDataModule(stream, cfg), ckpt_path=str(ckpt) if ckpt else None)
+    return _Fitted(trainer, module, probe, timer)
 
-    if trainer.is_global_zero:
-        from medcl.models import save_backbone
 
-        save_backbone(module.backbone, out / "backbone.pt", record)
-        def active(key: str, step: int) -> bool:
-            """Whether ``train/{key}`` belongs to a term that was active at ``step`` (other keys: True)."""
-            owner = max((t for t in cfg.terms if key == t or key.startswith(t + "_")), key=len, default=None)
-            return owner is None or owner in module.phase_at(step)[0]
+def _finish(cfg: PretrainConfig, record: dict[str, Any], run: _Fitted, out: Path) -> None:
+    """``backbone.pt``, the merged ``metrics.csv`` and ``loss.png``, ``summary.json`` (rank 0)."""
+    from medcl.models import save_backbone
 
-        merged = merge_metrics(out, active=active)
-        if merged is not None:
-            keys = [k for k in read_metrics_csv(merged) if k.startswith(("train/", "probe/")) and not k.endswith(("_anchors", "_dropped", "seconds", "chance"))]
-            plot_curves(merged, out / "loss.png", keys=keys, title=f"medcl pretrain: {cfg.method}", smooth=5)
-        summary = {
-            "method": cfg.method,
-            "steps": trainer.global_step,
-            "world_size": trainer.world_size,
-            "volumes_per_step": cfg.data.volumes_per_step * trainer.world_size,
-            **timer.summary(),
-        }
-        if probe.history:
-            summary["probe_first"] = probe.history[0]
-            summary["probe_last"] = probe.history[-1]
-        atomic_write_json(summary, out / "summary.json")
-        log.info("pretraining finished: %s", summary)
-    return out
+    save_backbone(run.module.backbone, out / "backbone.pt", record)
+
+    def active(key: str, step: int) -> bool:
+        """Whether ``train/{key}`` belongs to a term that was active at ``step`` (other keys: True)."""
+        owner = max((t for t in cfg.terms if key == t or key.startswith(t + "_")), key=len, default=None)
+        return owner is None or owner in run.module.phase_at(step)[0]
+
+    merged = merge_metrics(out, active=active)
+    if merged is not None:
+        keys = [k for k in read_metrics_csv(merged) if k.startswith(("train/", "probe/"))
+                and not k.endswith(("_anchors", "_dropped", "seconds", "chance"))]
+        plot_curves(merged, out / "loss.png", keys=keys, title=f"medcl pretrain: {cfg.method}", smooth=5)
+    summary = {
+        "method": cfg.method,
+        "steps": run.trainer.global_step,
+        "world_size": run.trainer.world_size,
+        "volumes_per_step": cfg.data.volumes_per_step * run.trainer.world_size,
+        **run.timer.summary(),
+    }
+    if run.probe.history:
+        summary["probe_first"] = run.probe.history[0]
+        summary["probe_last"] = run.probe.history[-1]
+    atomic_write_json(summary, out / "summary.json")
+    log.info("pretraining finished: %s", summary)
 
 
 def _next_resume_version(out: Path) -> str:

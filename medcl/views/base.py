@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from typing import Literal
 
 import torch
@@ -22,6 +23,27 @@ Default = Literal["default"]
 def resolve(value, factory):
     """``factory()`` for ``"default"``, else ``value`` (``None`` disables)."""
     return factory() if isinstance(value, str) and value == "default" else value
+
+
+def check_count(key: str, value: int, minimum: int = 1) -> int:
+    """``value`` as an int, or a config error naming ``views.{key}`` when it is below ``minimum``."""
+    if int(value) != value or value < minimum:
+        raise MedclConfigError(f"views.{key}", f"must be an integer >= {minimum}, got {value}")
+    return int(value)
+
+
+def check_probability(key: str, value: float) -> float:
+    """``value`` as a float, or a config error naming ``views.{key}`` when it is not in ``[0, 1]``."""
+    if not 0.0 <= float(value) <= 1.0:
+        raise MedclConfigError(f"views.{key}", f"must be a probability in [0, 1], got {value}")
+    return float(value)
+
+
+def check_non_negative(key: str, value: float) -> float:
+    """``value`` as a float, or a config error naming ``views.{key}`` when it is negative."""
+    if float(value) < 0:
+        raise MedclConfigError(f"views.{key}", f"must be >= 0, got {value}")
+    return float(value)
 
 
 def base_axes(volume: SourceVolume, orient: Orient) -> torch.Tensor:
@@ -61,19 +83,28 @@ class ViewSamplerBase:
         orient: ``"ras"`` (view axes along R, A, S) or ``"source"`` (array axes).
         padding_mode: value of view voxels outside the volume (``grid_sample``'s ``"border"``,
             ``"zeros"``, ``"reflection"``).
+        fg_prob: for samplers that place crops: the probability of centring one in the foreground box
+            (``None``: the sampler does not place crops that way).
+        default_augment: what ``augment="default"`` builds (a sampler's own default, e.g. no scaling).
+
+    Every argument is checked here, once for all samplers; samplers check only their own arguments, with
+    :func:`check_count`, :func:`check_probability` and :func:`check_non_negative`.
     """
 
     def __init__(
         self,
         crop: CropSpec | None = None,
-        augment: SpatialAugment | None = None,
-        intensity: IntensityAugment | None = None,
+        augment: SpatialAugment | Default | None = None,
+        intensity: IntensityAugment | Default | None = None,
         orient: Orient = "ras",
         padding_mode: PaddingMode = "border",
+        fg_prob: float | None = None,
+        default_augment: Callable[[], SpatialAugment] | None = SpatialAugment,
     ) -> None:
         self.crop = crop if crop is not None else CropSpec(32)
-        self.augment = augment
-        self.intensity = intensity
+        self.fg_prob = check_probability("fg_prob", fg_prob) if fg_prob is not None else None
+        self.augment = resolve(augment, default_augment or SpatialAugment)
+        self.intensity = resolve(intensity, IntensityAugment)
         if orient not in ("ras", "source"):
             raise MedclConfigError("views.orient", f"expected 'ras' or 'source', got {orient!r}")
         if padding_mode not in ("zeros", "border", "reflection"):

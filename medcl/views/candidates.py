@@ -17,11 +17,10 @@ from __future__ import annotations
 
 import torch
 
-from medcl.core.errors import MedclConfigError
 from medcl.core.provenance import ViewBatch
 from medcl.views import _rng
 from medcl.views.augment import IntensityAugment, identity_draw
-from medcl.views.base import Orient, ViewSamplerBase, fg_biased_points
+from medcl.views.base import Orient, ViewSamplerBase, check_count, check_non_negative, fg_biased_points
 from medcl.views.crop import CropSpec, PaddingMode, inside_fraction
 from medcl.views.mining import NormalisedMatcher, snap_to_grid
 from medcl.views.source import SourceVolume
@@ -58,13 +57,10 @@ class CandidatePairSampler(ViewSamplerBase):
         orient: Orient = "ras",
         padding_mode: PaddingMode = "border",
     ) -> None:
-        super().__init__(crop, None, intensity, orient, padding_mode)
-        if n_crops < 1 or candidates < 1 or search_mm < 0:
-            raise MedclConfigError("views", "n_crops and candidates must be >= 1 and search_mm >= 0")
-        self.n_crops = n_crops
-        self.candidates = candidates
-        self.search_mm = float(search_mm)
-        self.fg_prob = fg_prob
+        super().__init__(crop, None, intensity, orient, padding_mode, fg_prob)
+        self.n_crops = check_count("n_crops", n_crops)
+        self.candidates = check_count("candidates", candidates)
+        self.search_mm = check_non_negative("search_mm", search_mm)
         self.proposer = NormalisedMatcher()
 
     def __call__(

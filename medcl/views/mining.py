@@ -22,7 +22,13 @@ import torch
 from medcl.core.errors import MedclConfigError
 from medcl.core.provenance import ViewBatch
 from medcl.views.augment import IntensityAugment, SpatialAugment, augment_affine, identity_draw
-from medcl.views.base import Default, Orient, ViewSamplerBase, fg_biased_points, resolve
+from medcl.views.base import (
+    Default,
+    Orient,
+    ViewSamplerBase,
+    check_count,
+    fg_biased_points,
+)
 from medcl.views.crop import CropSpec, PaddingMode, inside_fraction, place_crops, render
 from medcl.views.source import SourceVolume
 from medcl.views.ssim import ssim3d
@@ -234,16 +240,14 @@ class CrossVolumePairSampler(ViewSamplerBase):
     ) -> None:
         super().__init__(
             crop,
-            resolve(augment, SpatialAugment),
-            resolve(intensity, IntensityAugment),
+            augment,
+            intensity,
             orient,
             padding_mode,
+            fg_prob,
         )
-        if n_crops < 1:
-            raise MedclConfigError("views.n_crops", f"must be >= 1, got {n_crops}")
-        self.n_crops = n_crops
+        self.n_crops = check_count("n_crops", n_crops)
         self.matcher = matcher if matcher is not None else SSIMMatcher()
-        self.fg_prob = fg_prob
 
     def _augmented(
         self, volume: SourceVolume, affine: torch.Tensor, generator: torch.Generator

@@ -10,7 +10,7 @@ from medcl.core.errors import MedclConfigError
 from medcl.core.provenance import ViewBatch
 from medcl.views import _rng
 from medcl.views.augment import IntensityAugment, SpatialAugment, identity_draw
-from medcl.views.base import Default, Orient, ViewSamplerBase, base_axes, resolve
+from medcl.views.base import Default, Orient, ViewSamplerBase, base_axes, check_count
 from medcl.views.crop import CropSpec, PaddingMode
 from medcl.views.source import SourceVolume
 
@@ -91,14 +91,13 @@ class PartitionViewSampler(ViewSamplerBase):
     ) -> None:
         super().__init__(
             crop,
-            resolve(augment, SpatialAugment),
-            resolve(intensity, IntensityAugment),
+            augment,
+            intensity,
             orient,
             padding_mode,
         )
         self.grid = partition_grid(partitions, axis)
-        if n_aug < 0:
-            raise MedclConfigError("views.n_aug", f"must be >= 0, got {n_aug}")
+        n_aug = check_count("n_aug", n_aug, minimum=0)
         if within not in ("centre", "crop"):
             raise MedclConfigError("views.within", f"expected 'centre' or 'crop', got {within!r}")
         self.n_aug = n_aug

@@ -9,7 +9,13 @@ from medcl.core.provenance import ROLE_BASE, ROLE_RANDOM, ViewBatch
 from medcl.losses.position import voco_overlap_targets
 from medcl.views import _rng
 from medcl.views.augment import IntensityAugment, SpatialAugment, identity_draw
-from medcl.views.base import Default, Orient, ViewSamplerBase, fg_biased_points, resolve
+from medcl.views.base import (
+    Default,
+    Orient,
+    ViewSamplerBase,
+    check_count,
+    fg_biased_points,
+)
 from medcl.views.crop import CropSpec, PaddingMode, place_crops
 from medcl.views.source import SourceVolume
 
@@ -64,20 +70,19 @@ class PositionViewSampler(ViewSamplerBase):
     ) -> None:
         super().__init__(
             crop if crop is not None else CropSpec(16),
-            resolve(augment, lambda: SpatialAugment(scale_prob=0.0)),
-            resolve(intensity, IntensityAugment),
+            augment,
+            intensity,
             orient,
             padding_mode,
+            fg_prob,
+            default_augment=lambda: SpatialAugment(scale_prob=0.0),
         )
         grid = tuple(int(g) for g in grid)
         if len(grid) != 3 or any(g < 1 for g in grid) or grid[0] * grid[1] * grid[2] < 2:
             raise MedclConfigError("views.grid", f"expected three ints >= 1 with at least 2 cells, got {grid}")
-        if n_random < 1:
-            raise MedclConfigError("views.n_random", f"must be >= 1, got {n_random}")
         self.grid = grid
-        self.n_random = n_random
+        self.n_random = check_count("n_random", n_random)
         self.inside = inside
-        self.fg_prob = fg_prob
 
     @property
     def n_base(self) -> int:

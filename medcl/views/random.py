@@ -4,11 +4,17 @@ from __future__ import annotations
 
 import torch
 
-from medcl.core.errors import MedclConfigError
 from medcl.core.provenance import ViewBatch
 from medcl.views import _rng
 from medcl.views.augment import IntensityAugment, SpatialAugment
-from medcl.views.base import Default, Orient, ViewSamplerBase, fg_biased_points, resolve
+from medcl.views.base import (
+    Default,
+    Orient,
+    ViewSamplerBase,
+    check_count,
+    check_non_negative,
+    fg_biased_points,
+)
 from medcl.views.crop import CropSpec, PaddingMode
 from medcl.views.source import SourceVolume
 
@@ -48,20 +54,14 @@ class RandomViewSampler(ViewSamplerBase):
     ) -> None:
         super().__init__(
             crop,
-            resolve(augment, SpatialAugment),
-            resolve(intensity, IntensityAugment),
+            augment,
+            intensity,
             orient,
             padding_mode,
+            fg_prob,
         )
-        if n_views < 1:
-            raise MedclConfigError("views.n_views", f"must be >= 1, got {n_views}")
-        if not 0.0 <= fg_prob <= 1.0:
-            raise MedclConfigError("views.fg_prob", f"must be a probability in [0, 1], got {fg_prob}")
-        if max_offset is not None and max_offset < 0:
-            raise MedclConfigError("views.max_offset", f"must be >= 0, got {max_offset}")
-        self.n_views = n_views
-        self.fg_prob = fg_prob
-        self.max_offset = max_offset
+        self.n_views = check_count("n_views", n_views)
+        self.max_offset = check_non_negative("max_offset", max_offset) if max_offset is not None else None
 
     def __call__(self, volume: SourceVolume, generator: torch.Generator) -> ViewBatch:
         n = self.n_views

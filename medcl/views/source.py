@@ -6,11 +6,9 @@ from collections.abc import Mapping
 from dataclasses import dataclass, field
 from typing import Any
 
-import numpy as np
 import torch
 
 from medcl.core.errors import MedclDataError
-from medcl.core.geometry import Volume
 
 
 @dataclass
@@ -95,12 +93,6 @@ class SourceVolume:
             image = image.as_tensor()
         image = torch.as_tensor(image)
         return cls(image=image, affine=torch.as_tensor(affine), fg_box=item.get("fg_box"), source_id=int(source_id), name=name)
-
-    @classmethod
-    def from_volume(cls, volume: Volume, source_id: int, fg_box: Any = None) -> SourceVolume:
-        """From a reader's :class:`medcl.core.geometry.Volume` (NumPy ``[C, X, Y, Z]`` + affine)."""
-        image = torch.from_numpy(np.ascontiguousarray(volume.array, dtype=np.float32))
-        return cls(image, torch.from_numpy(np.asarray(volume.affine, dtype=np.float64)), fg_box, int(source_id), volume.path)
 
     # ------------------------------------------------------------------ geometry
     @property

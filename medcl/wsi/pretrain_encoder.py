@@ -168,36 +168,56 @@ def pretrain_encoder(
     progress: bool = True,
 ) -> Path:
     """Pretrain the built-in CNN on the tiles of ``inputs`` (tile h5 files or folders); returns the
-    checkpoint path (``out_dir/encoder.pt``)."""
-    from torch.utils.data import RandomSampler
-    from tqdm.auto import tqdm
+    checkpoint path (``out_dir/encoder.pt``).
 
+    Steps: read the tile sets; build the encoder, its projector and the optimiser; train (two stain-jittered views
+    per tile, InfoNCE); write ``metrics.csv``, ``curves.png`` and ``encoder.pt``.
+    """
     from medcl.core.device import resolve_device
-    from medcl.core.files import write_csv
-    from medcl.core.record import RunRecord
-    from medcl.engine.checkpoint import atomic_torch_save
-    from medcl.engine.plots import plot_curves
-    from medcl.engine.schedules import lr_schedule, make_lr_scheduler
-    from medcl.losses.contrastive import gr_masks, info_nce
-    from medcl.wsi.encoders import build_builtin, encoder_checkpoint
-    from medcl.wsi.extract import TileDataset, tile_loader
-    from medcl.wsi.tile_io import find_h5, load_tile_set
 
     p = params or PretrainParams()
     p.validate()
     dev = resolve_device(p.device)
+    sets = _tile_sets(inputs, slide_dir)
+    out = Path(out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    torch.manual_seed(p.seed)
+    encoder, projector, rows, n_tiles = _train(p, sets, dev, progress)
+    path = _write_outputs(p, sets, encoder, projector, rows, out)
+    last = rows[-1]
+    log.info(
+        f"pretrained the patch encoder for {p.steps} steps on {n_tiles} tiles of {len(sets)} slides: "
+        f"loss {rows[0]['loss']:.3f} -> {last['loss']:.3f}, positive cosine {last['pos_cosine']:.2f}, "
+        f"negative cosine {last['neg_cosine']:.2f}; wrote {path}"
+    )
+    return path
+
+
+def _tile_sets(inputs: Sequence[str | os.PathLike], slide_dir: str | os.PathLike | None) -> list:
+    """The non-empty tile sets of ``inputs``."""
+    from medcl.wsi.tile_io import find_h5, load_tile_set
+
     files = find_h5(inputs)
     if not files:
         raise MedclDataError(", ".join(map(str, inputs)), "no tile files (.h5) found")
-    sets = [load_tile_set(f, slide_dir=slide_dir) for f in files]
-    sets = [s for s in sets if len(s.coords)]
-    ds = TileDataset(sets)
-    if len(ds) < 2:
-        raise MedclDataError(files[0], f"contrastive pretraining needs at least 2 tiles, found {len(ds)}")
-    out = Path(out_dir)
-    out.mkdir(parents=True, exist_ok=True)
+    sets = [s for s in (load_tile_set(f, slide_dir=slide_dir) for f in files) if len(s.coords)]
+    if sum(len(s.coords) for s in sets) < 2:
+        raise MedclDataError(files[0], "contrastive pretraining needs at least 2 tiles")
+    return sets
 
-    torch.manual_seed(p.seed)
+
+def _train(p: PretrainParams, sets: list, dev: torch.device, progress: bool
+           ) -> tuple[nn.Module, nn.Module, list[dict], int]:
+    """SimCLR-style training of the built-in CNN; returns (encoder, projector, metric rows, number of tiles)."""
+    from torch.utils.data import RandomSampler
+    from tqdm.auto import tqdm
+
+    from medcl.engine.schedules import lr_schedule, make_lr_scheduler
+    from medcl.losses.contrastive import gr_masks, info_nce
+    from medcl.wsi.encoders import build_builtin
+    from medcl.wsi.extract import TileDataset, tile_loader
+
+    ds = TileDataset(sets)
     encoder = build_builtin(p.width, seed=p.seed).to(dev)
     projector = nn.Sequential(
         nn.Linear(encoder.dim, encoder.dim), nn.ReLU(inplace=True), nn.Linear(encoder.dim, p.proj_dim)
@@ -245,7 +265,19 @@ def pretrain_encoder(
             rows.append(row)
             bar.set_postfix(loss=f"{row['loss']:.3f}")
     bar.close()
+    n_tiles = len(ds)
     ds.close()
+    return encoder, projector, rows, n_tiles
+
+
+def _write_outputs(p: PretrainParams, sets: list, encoder: nn.Module, projector: nn.Module, rows: list[dict],
+                   out: Path) -> Path:
+    """``metrics.csv``, ``curves.png`` and ``encoder.pt`` (with the run record); returns the checkpoint path."""
+    from medcl.core.files import write_csv
+    from medcl.core.record import RunRecord
+    from medcl.engine.checkpoint import atomic_torch_save
+    from medcl.engine.plots import plot_curves
+    from medcl.wsi.encoders import encoder_checkpoint
 
     write_csv(out / "metrics.csv", rows)
     plot_curves(out / "metrics.csv", out / "curves.png", keys=["loss", "pos_cosine", "neg_cosine"],
@@ -262,10 +294,4 @@ def pretrain_encoder(
     )
     path = out / "encoder.pt"
     atomic_torch_save(ckpt, path)
-    last = rows[-1]
-    log.info(
-        f"pretrained the patch encoder for {p.steps} steps on {len(ds)} tiles of {len(sets)} slides: "
-        f"loss {rows[0]['loss']:.3f} -> {last['loss']:.3f}, positive cosine {last['pos_cosine']:.2f}, "
-        f"negative cosine {last['neg_cosine']:.2f}; wrote {path}"
-    )
     return path
