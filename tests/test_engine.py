@@ -1,3 +1,4 @@
+import math
 import os
 import random
 
@@ -85,3 +86,32 @@ def test_monitor_statistics_against_definitions():
     groups = torch.tensor([0, 0, 1, 1])
     assert knn_accuracy(emb, labels, groups, k=1) == 1.0
     assert knn_accuracy(emb, torch.tensor([0, 1, 1, 0]), groups, k=1) == 0.0  # labels swapped in group 1
+
+
+# ------------------------------------------------------------------------------------------- convergence
+def test_convergence_rule_on_known_curves():
+    """A loss that has flattened is converged; one still falling 5% per fifth is not; too few steps never is."""
+    from medcl.engine.convergence import converged
+
+    t = torch.arange(1000, dtype=torch.float64)
+    assert converged(1.0 + torch.exp(-t / 50))  # flat for the last 800 steps
+    assert not converged(2.0 - t / 1000)  # the last fifth is ~16% lower than the fifth before
+    assert not converged(torch.ones(2))  # windows of round(0.2 * 2) = 0 steps: nothing to compare
+    noisy = 1.0 + 0.1 * torch.randn(1000, generator=torch.Generator().manual_seed(0), dtype=torch.float64)
+    assert converged(noisy, tolerance=0.05)  # noise around a constant: window means agree within 5%
+
+
+def test_convergence_stop_halts_training_and_survives_a_checkpoint():
+    from medcl.engine.convergence import ConvergenceStop
+
+    stop = ConvergenceStop(min_steps=100, tail=0.2, tolerance=0.01, check_every=10)
+    trainer = type("T", (), {"global_step": 0, "should_stop": False})()
+    for step in range(1, 400):
+        trainer.global_step = step
+        stop.on_train_batch_end(trainer, None, {"loss": torch.tensor(1.0 + math.exp(-step / 10))}, None, step)
+        if trainer.should_stop:
+            break
+    assert stop.stopped_at == 100 and trainer.should_stop  # flat long before step 100: stops at the first check
+    again = ConvergenceStop(min_steps=100)
+    again.load_state_dict(stop.state_dict())
+    assert again.stopped_at == 100 and len(again._losses) == 100

@@ -101,32 +101,17 @@ def test_every_method_runs_and_moves_the_weights(method, phantoms, tmp_path):
 
 
 def test_gd_learns_where_crops_come_from(phantoms, tmp_path):
-    """After a short G^D run the partition k-NN probe on held-back volumes beats chance and random init.
-
-    Step 0 of the probe is the random initialisation. SupCon's denominator (all positives of an anchor in
-    it) makes the encoder itself move faster than the per-pair form within these few steps; the strategy
-    (positives = same partition in any volume) is G^D either way.
-    """
+    """After a short run of the shipped G^D recipe (per-pair denominator, as Chaitanya et al.) the partition k-NN
+    probe on held-back volumes beats chance and random init (step 0 of the probe)."""
     ov = [o for o in TINY if not o.startswith(("data.probe_volumes", "monitor.probe_every"))]
-    ov += ["data.probe_volumes=4", "monitor.probe_every=120", "monitor.knn_k=5", "views.partition.crop=[16,16,16]",
-           "data.volumes_per_step=4", "optim.lr=3e-3", "optim.warmup_steps=5", "terms.global.mode=supcon",
-           "trainer.precision=32"]
-    run = run_pretrain(CONFIGS / "gd.yaml", phantoms, tmp_path / "gd", overrides=ov, max_steps=120, progress=False)
+    ov += ["data.probe_volumes=4", "monitor.probe_every=200", "monitor.knn_k=5", "views.partition.crop=[16,16,16]",
+           "data.volumes_per_step=4", "optim.warmup_steps=5", "trainer.precision=32"]
+    run = run_pretrain(CONFIGS / "gd.yaml", phantoms, tmp_path / "gd", overrides=ov, max_steps=200, progress=False)
     summary = json.loads((run / "summary.json").read_text())
     first, last = summary["probe_first"], summary["probe_last"]
     chance = first["probe/chance"]
     assert last["probe/knn_partition"] >= chance + 0.4, summary
     assert last["probe/knn_partition"] >= first["probe/knn_partition"] + 0.1, summary
-
-
-def test_voco_beats_a_constant_predictor(phantoms, tmp_path):
-    """VoCo's overlap predictions on held-back volumes beat the best constant (the mean target)."""
-    ov = [o for o in TINY if not o.startswith(("data.probe_volumes", "monitor.probe_every"))]
-    ov += ["data.probe_volumes=2", "monitor.probe_every=80", "views.position.crop=[8,8,8]", "data.volumes_per_step=4",
-           "terms.voco.form=paper", "ema.momentum=0", "optim.warmup_steps=5"]
-    run = run_pretrain(CONFIGS / "voco.yaml", phantoms, tmp_path / "voco", overrides=ov, max_steps=80, progress=False)
-    last = json.loads((run / "summary.json").read_text())["probe_last"]
-    assert last["probe/voco_mae"] < last["probe/voco_const_mae"], last
 
 
 # ------------------------------------------------------------------------------ exact resume after SIGKILL

@@ -22,7 +22,7 @@ from medcl.data import PreprocessingPlan, load_manifest, make_phantom, write_pha
 from medcl.data.splits import make_label_budget_split
 from medcl.io import read_volume, write_nifti
 from medcl.models import BackboneConfig, build_backbone, save_backbone
-from medcl.segment.bench_report import paired_bootstrap, write_report
+from medcl.segment.bench_report import paired_differences, write_report
 from medcl.segment.init import build_from_checkpoint, check_leakage, read_checkpoint
 from medcl.segment.prepare import CaseSelection, finetune_config_from_dict
 
@@ -197,24 +197,38 @@ def test_resume_after_kill_matches_an_uninterrupted_run(ws, tmp_path):
     assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
 
 
-def test_paired_bootstrap_and_report_tables(tmp_path):
-    d = np.full((3, 5), 0.1)
-    assert paired_bootstrap(d) == pytest.approx((0.1, 0.1, 0.1))
-    rng = np.random.default_rng(0)
-    d = rng.normal(0.05, 0.1, size=(9, 16))
-    m, lo, hi = paired_bootstrap(d, 500, 1)
-    assert m == pytest.approx(d.mean()) and lo < m < hi and hi - lo < 0.2
+def test_report_tables_pair_each_init_with_its_reference_and_call_only_supported_gains(tmp_path):
+    """Hand-made rows: 'pre' is random + 0.1 on every pair (a gain, zero-width interval); 'noisy' differs from
+    random by +-0.2 across combinations (interval contains 0: not a gain); 'bn' is compared with its own arm
+    'random_bn'; the ceiling rows give the fractions."""
     rows = []
-    for init, shift in (("random", 0.0), ("pre", 0.1)):
-        for comb, base in ((0, 0.5), (1, 0.7)):
-            for case, c in (("t1", 0.0), ("t2", 0.2)):
-                rows.append({"init": init, "budget": 2, "combination": comb, "seed": 0, "lr": "0.001",
-                             "case": case, "dice": base + c + shift})
-    text = write_report(rows, tmp_path / "r.md", inits=["random", "pre"],
-                        lr_of={("random", "2"): "0.001", ("pre", "2"): "0.001"}, header=["# t"], n_boot=200)
-    # per run means 0.6 / 0.8 (random) -> 0.700 +- 0.141; pre = +0.1 on every pair
-    assert "| random | 0.700 +- 0.141 (n=2) |" in text and "| pre | 0.800 +- 0.141 (n=2) |" in text
-    assert "| pre | +0.100 [+0.100, +0.100] |" in text
+    shifts = {"random": lambda k: 0.0, "pre": lambda k: 0.1, "noisy": lambda k: (0.2, -0.2, 0.15)[k],
+              "random_bn": lambda k: -0.1, "bn": lambda k: -0.05}
+    for init, shift in shifts.items():
+        for comb, base in ((0, 0.5), (1, 0.7), (2, 0.6)):
+            for seed in (0, 1):
+                for case, c in (("t1", 0.0), ("t2", 0.2)):
+                    rows.append({"init": init, "budget": 2, "combination": comb, "seed": seed, "lr": "0.001",
+                                 "case": case, "dice": base + c + shift(comb)})
+    d = paired_differences(rows, "pre", "random", "2", {("pre", "2"): "0.001", ("random", "2"): "0.001"})
+    assert d.shape == (3, 2, 2) and np.allclose(d, 0.1)
+    ceiling = [{"init": "random", "seed": s, "case": c, "dice": 0.8, "steps": st, "max_steps": 3000,
+                "converged": True} for s, st in ((0, 1200), (1, 1400)) for c in ("t1", "t2")]
+    refs = {"random": None, "random_bn": None, "pre": "random", "noisy": "random", "bn": "random_bn"}
+    text = write_report(rows, tmp_path / "r.md", inits=list(shifts), references=refs,
+                        lr_of={(i, "2"): "0.001" for i in shifts}, header=["# t"], ceiling_rows=ceiling,
+                        n_labelled_pool=44)
+    # run means 0.6 / 0.8 / 0.7 (twice each) -> 0.700 +- 0.089
+    assert "| random | 0.700 +- 0.089 (n=6) |" in text
+    assert "| pre (vs random) | +0.100 [+0.100, +0.100] **gain** |" in text
+    noisy = next(line for line in text.splitlines() if line.startswith("| noisy (vs random)"))
+    assert "gain" not in noisy and "[-" in noisy
+    assert "| bn (vs random_bn) | +0.050 [+0.050, +0.050] **gain** |" in text
+    assert "Gains the intervals support: pre N=2, bn N=2." in text
+    assert "labelled-volume combination" in text  # the unit is named
+    assert "| random | 0.800 +- 0.000 (n=2) | 1200-1400 | 2/2 (cap 3000) |" in text
+    assert "all 44 labelled pool volumes" in text
+    assert "| pre | random (0.800) | 1.000 |" in text  # (0.7 + 0.1) / 0.8
 
 
 def test_label_efficiency_benchmark_runs_reports_and_resumes(ws, tmp_path, caplog):
@@ -226,7 +240,7 @@ def test_label_efficiency_benchmark_runs_reports_and_resumes(ws, tmp_path, caplo
         "inits": [{"name": "pre", "checkpoint": str(ws["run"] / "backbone.pt")}],
         "split": {"file": str(ws["root"] / "split.json")},
         "lr": {"values": [1e-3, 3e-3], "selection": "validation"},
-        "bootstrap": 100,
+        "ceiling": {"inits": ["pre"], "min_steps": 2, "max_steps": 6},
     }
     import yaml
 
@@ -238,8 +252,8 @@ def test_label_efficiency_benchmark_runs_reports_and_resumes(ws, tmp_path, caplo
     caplog.set_level(logging.INFO, logger="medcl.segment.benchmark")
     rows = run_label_efficiency(bcfg, base, str(ws["data"]), out, device="cpu")
     logs = [r.getMessage() for r in caplog.records]
-    # 2 inits x (N=2: 2 sweep LRs + 1 run; full (4 volumes): 2 sweep LRs + 1 run) = 12 fine-tunes
-    assert any(line.startswith("[12/12]") for line in logs)
+    # 2 inits x (N=2: 2 sweep LRs + 1 run; full (4 volumes): 2 sweep LRs + 1 run) + 1 ceiling = 13 fine-tunes
+    assert any(line.startswith("[13/13]") for line in logs)
     assert len(rows) == 2 * 2 * 2  # inits x budgets (2, full) x test cases
     sel = json.loads((out / "lr_selection.json").read_text())
     assert set(sel["chosen"]) == {"random|2", "random|full", "pre|2", "pre|full"}
@@ -248,7 +262,10 @@ def test_label_efficiency_benchmark_runs_reports_and_resumes(ws, tmp_path, caplo
     assert len(sweep) == 8 and {r["lr"] for r in sweep} == {"0.001", "0.003"}
     md = (out / "results.md").read_text()
     assert "| random |" in md and "| pre |" in md and "Paired per-case difference" in md
-    assert "Fraction of the full-label Dice" in md and (out / "dice_vs_labels.png").stat().st_size > 1000
+    assert "Fraction of the converged full-label Dice" in md and (out / "dice_vs_labels.png").stat().st_size > 1000
+    with open(out / "ceiling.csv") as f:
+        ceiling = list(csv.DictReader(f))
+    assert {r["init"] for r in ceiling} == {"pre"} and all(2 <= int(r["steps"]) <= 6 for r in ceiling)
     with open(out / "results.csv") as f:
         table = list(csv.DictReader(f))
     assert {r["init"] for r in table} == {"random", "pre"} and {r["budget"] for r in table} == {"2", "full"}
@@ -257,5 +274,5 @@ def test_label_efficiency_benchmark_runs_reports_and_resumes(ws, tmp_path, caplo
     caplog.clear()
     run_label_efficiency(bcfg, base, str(ws["data"]), out, device="cpu")
     logs2 = [r.getMessage() for r in caplog.records]
-    assert sum("skipped" in line for line in logs2) == 12
+    assert sum("skipped" in line for line in logs2) == 13
     assert (out / "results.md").read_text() == md

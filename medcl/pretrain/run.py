@@ -150,6 +150,7 @@ def run_pretrain(
     """
     import lightning as L
 
+    t0 = time.time()
     out = Path(out)
     cfg, ckpt = _resolve_run(config, out, resume, overrides, max_steps, seed)
     L.seed_everything(cfg.seed, workers=True, verbose=False)
@@ -158,7 +159,7 @@ def run_pretrain(
     record = _start_run_folder(cfg, out, resume, cases_used, data)
     run = _fit(cfg, record, cases_used, out, ckpt, device, progress, resume)
     if run.trainer.is_global_zero:
-        _finish(cfg, record, run, out)
+        _finish(cfg, record, run, out, time.time() - t0)
     return out
 
 
@@ -278,7 +279,7 @@ def _fit(cfg: PretrainConfig, record: dict[str, Any], cases: _Cases, out: Path, 
     return _Fitted(trainer, module, probe, timer)
 
 
-def _finish(cfg: PretrainConfig, record: dict[str, Any], run: _Fitted, out: Path) -> None:
+def _finish(cfg: PretrainConfig, record: dict[str, Any], run: _Fitted, out: Path, seconds: float) -> None:
     """``backbone.pt``, the merged ``metrics.csv`` and ``loss.png``, ``summary.json`` (rank 0)."""
     from medcl.models import save_backbone
 
@@ -300,6 +301,7 @@ def _finish(cfg: PretrainConfig, record: dict[str, Any], run: _Fitted, out: Path
         "world_size": run.trainer.world_size,
         "volumes_per_step": cfg.data.volumes_per_step * run.trainer.world_size,
         **run.timer.summary(),
+        "seconds": round(seconds, 1),  # wall-clock of this invocation (a resumed run: since the resume)
     }
     if run.probe.history:
         summary["probe_first"] = run.probe.history[0]

@@ -5,15 +5,16 @@ Layout::
     finetune_config: ../finetune/hippocampus.yaml   # the fine-tuning YAML every run starts from
     finetune: {threads: 1, ...}                     # fine-tuning keys on top of it
     steps: 250                                      # the step budget of every run
-    full_label: true                                # also train on every labelled pool volume (the ceiling)
-    random_init: true
-    inits:                                          # pretrained initialisations
+    full_label: true                                # also train on every labelled pool volume, same schedule
+    ceiling: {inits: [random], min_steps: 1000, max_steps: 4000}    # converged full-label runs
+    random_init: true                               # the random arm "random" (the fine-tuning architecture)
+    inits:
       - {name: gd_local, checkpoint: runs/pretrain_gd_local}            # an existing checkpoint / run folder
-      - {name: voco, method: voco, overrides: [trainer.max_steps=2000]}  # pretrained here on the pool
+      - {name: random_bn, random: true}                                 # a random arm of another architecture
+      - {name: voco, method: voco, reference: random_bn}               # pretrained here on the pool
     seeds: [0, 1, 2]
-    split: {file: null, test: 16, budgets: [1, 2, 4], combinations: 3, seed: 0}
+    split: {file: null, test: 16, budgets: [1, 2, 4], combinations: 5, seed: 0}
     lr: {values: [3.0e-4, 1.0e-3, 3.0e-3], selection: validation, validation_cases: 1, fallback: null}
-    bootstrap: 2000
     jobs: 1                                         # fine-tunes in parallel processes
 """
 
@@ -28,7 +29,8 @@ from medcl.config import apply_overrides, from_dict, read_yaml
 from medcl.core.errors import MedclConfigError
 from medcl.segment.prepare import finetune_config_from_dict, merge_config
 
-__all__ = ["RANDOM", "InitSpec", "BenchSplitConfig", "LRConfig", "LabelEfficiencyConfig", "load_benchmark_config"]
+__all__ = ["RANDOM", "InitSpec", "BenchSplitConfig", "CeilingConfig", "LRConfig", "LabelEfficiencyConfig",
+           "load_benchmark_config"]
 
 RANDOM = "random"
 """The name of the random initialisation (the reference of the paired differences)."""
@@ -36,15 +38,20 @@ RANDOM = "random"
 
 @dataclass
 class InitSpec:
-    """One initialisation. Exactly one of ``checkpoint`` or ``method``/``config`` (pretrain it here).
+    """One initialisation: pretrained (exactly one of ``checkpoint`` or ``method``/``config``) or, with
+    ``random: true``, another random-init arm (for pretrained inits of another architecture).
 
     Attributes:
-        name: label in the tables (``random`` is reserved).
+        name: label in the tables (``random`` is reserved for the default random arm).
         checkpoint: a pretraining checkpoint or run folder.
         method: a pretraining method name, pretrained here on the unlabelled pool.
         config: a pretraining config YAML, pretrained here on the pool.
         overrides: ``key=value`` overrides of the pretraining config (e.g. ``trainer.max_steps=2000``).
         load: stages to load (default: the fine-tuning config's ``init.load``).
+        random: a random-init arm; its architecture is the one of the pretrained inits that name it as their
+            ``reference`` (they must agree).
+        reference: the random arm this init is compared with (paired differences); it must have the same
+            architecture (e.g. ``random_bn`` for a batch-norm backbone).
     """
 
     name: str
@@ -53,12 +60,41 @@ class InitSpec:
     config: str | None = None
     overrides: list[str] = field(default_factory=list)
     load: list[str] | None = None
+    random: bool = False
+    reference: str = "random"
 
     def validate(self) -> None:
         if self.name == RANDOM:
             raise MedclConfigError("inits.name", f"'{RANDOM}' is reserved for the random initialisation")
-        if bool(self.checkpoint) == bool(self.method or self.config):
+        if self.random:
+            if self.checkpoint or self.method or self.config:
+                raise MedclConfigError(f"inits.{self.name}", "a random arm has no checkpoint, method or config")
+        elif bool(self.checkpoint) == bool(self.method or self.config):
             raise MedclConfigError(f"inits.{self.name}", "give either checkpoint, or method / config to pretrain")
+
+
+@dataclass
+class CeilingConfig:
+    """Converged full-label runs: the ceiling the "fraction of the full-label Dice" divides by.
+
+    Attributes:
+        inits: the initialisations that get one (by name; ``[]`` = none). Each is trained on every labelled pool
+            volume until its training loss converges (:mod:`medcl.engine.convergence`), one run per seed.
+        min_steps: no convergence check before this step.
+        max_steps: the cap (the learning-rate schedule runs over it).
+        tolerance, tail: the convergence rule (window means improve by less than ``tolerance`` over the last
+            ``tail`` of the steps).
+    """
+
+    inits: list[str] = field(default_factory=lambda: [RANDOM])
+    min_steps: int = 1000
+    max_steps: int = 4000
+    tolerance: float = 0.01
+    tail: float = 0.2
+
+    def validate(self) -> None:
+        if self.min_steps < 1 or self.max_steps < self.min_steps:
+            raise MedclConfigError("ceiling", "need 1 <= min_steps <= max_steps")
 
 
 @dataclass
@@ -68,7 +104,7 @@ class BenchSplitConfig:
     file: str | None = None
     test: int = 16
     budgets: list[int] = field(default_factory=lambda: [1, 2, 4])
-    combinations: int = 3
+    combinations: int = 5
     seed: int = 0
 
 
@@ -100,13 +136,13 @@ class LabelEfficiencyConfig:
         finetune_config: the fine-tuning YAML every run starts from (relative to this file's folder).
         finetune: fine-tuning keys on top of it (a partial :class:`FinetuneConfig` mapping).
         steps: the step budget of every run (all inits, all budgets).
-        full_label: also run each init on every labelled volume of the pool (the ceiling).
-        full_steps: step budget of the full-label runs (default ``steps``).
+        full_label: also run each init on every labelled volume of the pool with the same schedule (``steps``).
+        full_steps: step budget of those full-label runs (default ``steps``: the same schedule as every budget).
+        ceiling: converged full-label runs (:class:`CeilingConfig`).
         random_init: include the random initialisation (the reference of the paired differences).
         inits: the pretrained initialisations.
         seeds: fine-tuning seeds.
         split, lr: see :class:`BenchSplitConfig`, :class:`LRConfig`.
-        bootstrap, bootstrap_seed: replicates and seed of the paired intervals.
         allow_test_overlap: pass-through of the leakage guard's override (off: refuse).
         jobs: fine-tunes run in parallel processes (each with ``finetune.threads`` threads; on a CPU machine
             ``jobs`` = cores and ``threads: 1`` is the fastest layout).
@@ -117,13 +153,12 @@ class LabelEfficiencyConfig:
     steps: int = 250
     full_label: bool = True
     full_steps: int | None = None
+    ceiling: CeilingConfig = field(default_factory=CeilingConfig)
     random_init: bool = True
     inits: list[InitSpec] = field(default_factory=list)
     seeds: list[int] = field(default_factory=lambda: [0, 1, 2])
     split: BenchSplitConfig = field(default_factory=BenchSplitConfig)
     lr: LRConfig = field(default_factory=LRConfig)
-    bootstrap: int = 2000
-    bootstrap_seed: int = 0
     allow_test_overlap: bool = False
     jobs: int = 1
 
@@ -137,6 +172,15 @@ class LabelEfficiencyConfig:
             raise MedclConfigError("jobs", f"must be >= 1, got {self.jobs}")
         if not self.random_init and not self.inits:
             raise MedclConfigError("inits", "nothing to benchmark: no init and random_init is false")
+        randoms = {i.name for i in self.inits if i.random} | ({RANDOM} if self.random_init else set())
+        for i in self.inits:
+            if not i.random and i.reference not in randoms:
+                raise MedclConfigError(f"inits.{i.name}.reference", f"'{i.reference}' is not a random arm of this "
+                                       f"benchmark ({', '.join(sorted(randoms)) or 'none'})")
+        known = {i.name for i in self.inits} | ({RANDOM} if self.random_init else set())
+        unknown = sorted(set(self.ceiling.inits) - known)
+        if unknown:
+            raise MedclConfigError("ceiling.inits", f"unknown init(s) {unknown} (known: {sorted(known)})")
 
 
 def load_benchmark_config(path: str | os.PathLike | None, overrides: list[str] | None = None

@@ -1,25 +1,29 @@
 """Tables and figure of the label-efficiency benchmark: ``results.md`` and ``dice_vs_labels.png``.
 
-Inputs are the rows of ``results.csv`` (one per fine-tuning run and test case, with ``init``, ``budget``,
-``combination``, ``seed``, ``lr`` and ``dice``).
+Inputs are the rows of ``results.csv`` (one per fine-tuning run and test case, with ``init``, ``reference``,
+``budget``, ``combination``, ``seed``, ``lr`` and ``dice``) and of ``ceiling.csv`` (the converged full-label
+runs, with the steps each trained).
 
 Statistics:
 
-* **mean +- std Dice per init x budget**: each run's mean Dice over the test cases, then mean and standard
-  deviation over the runs (combinations x seeds);
-* **paired difference to random init**: for each (budget, combination, seed, test case) present for both
-  inits, ``d = Dice_init - Dice_random``. The 95% interval is a percentile bootstrap over *both* sources of
-  variation, crossed: each replicate resamples the paired runs (combination x seed) and the test cases with
-  replacement and averages ``d`` over the resampled grid (so neither a lucky combination nor a few easy test
-  cases can make the interval narrow);
-* **fraction of the full-label Dice**: mean Dice at budget ``N`` over the mean Dice of the same
-  initialisation trained on every labelled volume of the pool (the ceiling of the same model and schedule).
+* **mean +- SD Dice per init x budget**: each run's mean Dice over the test cases, then mean and standard
+  deviation over the runs (combinations x seeds): a description of the spread, not an interval;
+* **paired difference to the init's random arm** (``reference``: the random init of the same architecture): per
+  (budget, combination, seed, test case) ``d = Dice_init - Dice_reference``, shaped ``[K combinations, S seeds,
+  C test cases]``. The interval is :func:`medcl.segment.intervals.hierarchical_interval`: the independent units
+  are the **labelled-volume combinations** (seeds of one combination share its volumes and are averaged inside
+  it) crossed with the **test cases**; a variance-components t interval with Satterthwaite degrees of freedom.
+  A cell is called a gain only when its whole interval lies above 0;
+* **ceiling**: every labelled pool volume, trained until the training loss converges (``ceiling.csv``; steps
+  used are reported), per seed;
+* **fraction of the full-label Dice**: mean Dice at budget ``N`` over the converged ceiling of the init's random
+  arm (the ``N = full`` column of the Dice table is the same-schedule full-label run, not a ceiling).
 """
 
 from __future__ import annotations
 
 import math
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -28,9 +32,14 @@ import numpy as np
 from medcl.core.files import atomic_write_text
 from medcl.data.splits import FULL
 from medcl.segment.bench_config import RANDOM
+from medcl.segment.intervals import IntervalResult, hierarchical_interval
 
-__all__ = ["run_means", "paired_bootstrap", "budget_order", "write_report", "plot_dice_vs_labels"]
+__all__ = ["run_means", "paired_differences", "budget_order", "write_report", "plot_dice_vs_labels",
+           "UNIT_SENTENCE"]
 
+UNIT_SENTENCE = ("the resampling unit is the labelled-volume combination (seeds of a combination share its volumes "
+                 "and are averaged inside it), crossed with the test cases; 95% variance-components t interval with "
+                 "Satterthwaite degrees of freedom (medcl.segment.intervals.hierarchical_interval)")
 
 
 def budget_order(budgets: Sequence[Any]) -> list[Any]:
@@ -55,37 +64,30 @@ def run_means(rows: list[dict[str, Any]], metric: str = "dice") -> dict[tuple[st
     return {k: {run: float(np.mean(v)) for run, v in d.items()} for k, d in acc.items()}
 
 
-def paired_bootstrap(diff: np.ndarray, n_boot: int = 2000, seed: int = 0) -> tuple[float, float, float]:
-    """Mean of ``diff [R runs, C cases]`` and its crossed percentile-bootstrap 95% interval (see module doc)."""
-    d = np.asarray(diff, dtype=np.float64)
-    if d.size == 0:
-        return math.nan, math.nan, math.nan
-    r, c = d.shape
-    rng = np.random.default_rng(seed)
-    ri = rng.integers(0, r, size=(n_boot, r))
-    ci = rng.integers(0, c, size=(n_boot, c))
-    stats = d[ri[:, :, None], ci[:, None, :]].mean(axis=(1, 2))
-    lo, hi = np.percentile(stats, [2.5, 97.5])
-    return float(d.mean()), float(lo), float(hi)
+def paired_differences(rows: list[dict[str, Any]], init: str, reference: str, budget: str,
+                       lr_of: Mapping[tuple[str, str], str]) -> np.ndarray:
+    """``[K, S, C]`` differences ``init - reference`` by combination, seed and test case (NaN where a run or a case
+    is missing on either side), each init at its own reported learning rate."""
+    def table(name: str) -> dict[tuple[str, str, str], float]:
+        lr = lr_of.get((name, budget))
+        return {(str(r["combination"]), str(r["seed"]), str(r["case"])): float(r["dice"]) for r in rows
+                if str(r["init"]) == name and _key(r["budget"]) == budget and str(r["lr"]) == lr}
+
+    a, b = table(init), table(reference)
+    keys = set(a) & set(b)
+    if not keys:
+        return np.zeros((0, 0, 0))
+    combos = sorted({k[0] for k in keys}, key=_num)
+    seeds = sorted({k[1] for k in keys}, key=_num)
+    cases = sorted({k[2] for k in keys})
+    d = np.full((len(combos), len(seeds), len(cases)), np.nan)
+    for (c, s, case) in keys:
+        d[combos.index(c), seeds.index(s), cases.index(case)] = a[(c, s, case)] - b[(c, s, case)]
+    return d
 
 
-def _paired_matrix(rows: list[dict[str, Any]], init: str, budget: str, lr_of: dict[tuple[str, str], str]
-                   ) -> np.ndarray:
-    """``[R, C]`` differences init - random over the runs and cases both have (at each init's own LR)."""
-    def table(name: str) -> dict[tuple[str, str], dict[str, float]]:
-        t: dict[tuple[str, str], dict[str, float]] = {}
-        for r in rows:
-            if str(r["init"]) == name and _key(r["budget"]) == budget and str(r["lr"]) == lr_of.get((name, budget)):
-                t.setdefault((str(r["combination"]), str(r["seed"])), {})[str(r["case"])] = float(r["dice"])
-        return t
-
-    a, b = table(init), table(RANDOM)
-    runs = sorted(set(a) & set(b))
-    if not runs:
-        return np.zeros((0, 0))
-    cases = sorted(set.intersection(*[set(a[k]) & set(b[k]) for k in runs]))
-    m = np.array([[a[k][c] - b[k][c] for c in cases] for k in runs], dtype=np.float64)
-    return m[:, ~np.isnan(m).any(axis=0)] if m.size else m
+def _num(x: str) -> Any:
+    return (0, int(x)) if str(x).lstrip("-").isdigit() else (1, str(x))
 
 
 def _fmt(mean: float, std: float | None = None, digits: int = 3) -> str:
@@ -94,12 +96,55 @@ def _fmt(mean: float, std: float | None = None, digits: int = 3) -> str:
     return f"{mean:.{digits}f}" + ("" if std is None or math.isnan(std) else f" +- {std:.{digits}f}")
 
 
-def write_report(rows: list[dict[str, Any]], path: str | Path, *, inits: list[str], lr_of: dict[tuple[str, str], str],
-                 header: list[str], n_boot: int = 2000, boot_seed: int = 0) -> str:
-    """Write ``results.md``: the Dice table, the paired differences, the full-label fractions, the LRs used.
+def _interval_cell(r: IntervalResult) -> str:
+    if math.isnan(r.mean):
+        return "-"
+    if not math.isfinite(r.lo) or not math.isfinite(r.hi):
+        return f"{r.mean:+.3f} [no interval: {r.n_combinations} combination]"
+    mark = " **gain**" if r.lo > 0 else " **loss**" if r.hi < 0 else ""
+    return f"{r.mean:+.3f} [{r.lo:+.3f}, {r.hi:+.3f}]{mark}"
 
-    ``lr_of`` maps ``(init, budget)`` to the learning rate whose runs are reported (the selected one).
+
+def _ceiling_stats(ceiling_rows: list[dict[str, Any]]) -> dict[str, dict[str, Any]]:
+    """Per init: mean and SD over seeds of each run's mean Dice, the steps trained, how many runs converged."""
+    runs: dict[str, dict[str, dict[str, Any]]] = {}
+    for r in ceiling_rows:
+        d = runs.setdefault(str(r["init"]), {}).setdefault(str(r["seed"]), {"dice": [], "steps": r.get("steps"),
+                                                                           "max_steps": r.get("max_steps"),
+                                                                           "converged": r.get("converged")})
+        v = float(r["dice"])
+        if not math.isnan(v):
+            d["dice"].append(v)
+    out = {}
+    for init, by_seed in runs.items():
+        means = np.array([np.mean(v["dice"]) for v in by_seed.values() if v["dice"]])
+        steps = [int(float(v["steps"])) for v in by_seed.values() if v["steps"] not in (None, "")]
+        conv = [str(v["converged"]).lower() == "true" for v in by_seed.values()]
+        caps = [int(float(v["max_steps"])) for v in by_seed.values() if v["max_steps"] not in (None, "")]
+        out[init] = {"mean": float(means.mean()) if means.size else math.nan,
+                     "std": float(means.std(ddof=1)) if means.size > 1 else math.nan, "n": int(means.size),
+                     "steps": steps, "converged": sum(conv), "cap": max(caps) if caps else None}
+    return out
+
+
+def write_report(rows: list[dict[str, Any]], path: str | Path, *, inits: list[str], lr_of: dict[tuple[str, str], str],
+                 header: list[str], references: Mapping[str, str | None] | None = None,
+                 ceiling_rows: list[dict[str, Any]] | None = None, n_labelled_pool: int | None = None,
+                 costs: Mapping[str, Mapping[str, Any]] | None = None) -> str:
+    """Write ``results.md``: the Dice table, the paired differences with their intervals, the ceiling, the
+    fractions of the ceiling, the LRs used and the pretraining cost; returns the text.
+
+    Args:
+        rows: rows of ``results.csv``.
+        inits: init names in table order.
+        lr_of: ``(init, budget) -> lr`` of the reported runs.
+        header: lines above the tables.
+        references: init -> its random arm (``None`` for random arms); default: ``random`` for every other init.
+        ceiling_rows: rows of ``ceiling.csv``.
+        n_labelled_pool: the labelled pool size (the ceiling's data).
+        costs: pretraining cost per init (``steps``, ``seconds``, ``step_seconds``).
     """
+    refs = dict(references) if references is not None else {i: (None if i == RANDOM else RANDOM) for i in inits}
     means = run_means(rows)
     budgets = budget_order({r["budget"] for r in rows})
     num = [b for b in budgets if b != FULL]
@@ -112,9 +157,8 @@ def write_report(rows: list[dict[str, Any]], path: str | Path, *, inits: list[st
             return math.nan, math.nan, 0
         return float(v.mean()), float(v.std(ddof=1)) if v.size > 1 else 0.0, int(v.size)
 
-    lines = list(header) + ["", "## Mean Dice (mean +- std over runs = combinations x seeds)", "",
-                            "| init | " + " | ".join(f"N={c}" for c in cols) + " |",
-                            "|---|" + "---|" * len(cols)]
+    lines = list(header) + ["", "## Mean Dice (mean +- SD over runs = combinations x seeds)", "",
+                            "| init | " + " | ".join(f"N={c}" for c in cols) + " |", "|---|" + "---|" * len(cols)]
     for init in inits:
         cells = []
         for b in budgets:
@@ -122,35 +166,65 @@ def write_report(rows: list[dict[str, Any]], path: str | Path, *, inits: list[st
             cells.append(f"{_fmt(m, s)} (n={n})" if n else "-")
         lines.append(f"| {init} | " + " | ".join(cells) + " |")
 
-    if RANDOM in inits and len(inits) > 1:
-        lines += ["", "## Paired per-case difference to random init (Dice; mean [bootstrap 95% interval])", "",
-                  "Pairs share the budget, combination, seed and test case; the interval resamples runs and "
-                  "test cases (crossed bootstrap, "
-                  f"{n_boot} replicates).", "",
-                  "| init | " + " | ".join(f"N={c}" for c in cols) + " |", "|---|" + "---|" * len(cols)]
-        for init in inits:
-            if init == RANDOM:
-                continue
+    compared = [i for i in inits if refs.get(i)]
+    gains, no_evidence = [], []
+    if compared:
+        lines += ["", "## Paired per-case difference to the random init of the same architecture (Dice; mean "
+                  "[95% interval])", "", f"Pairs share the budget, combination, seed and test case; {UNIT_SENTENCE}. "
+                  "**gain** marks a cell whose whole interval lies above 0; any other cell is not distinguishable from "
+                  "no difference at this sample size.", "",
+                  "| init (vs) | " + " | ".join(f"N={c}" for c in cols) + " |", "|---|" + "---|" * len(cols)]
+        for init in compared:
+            ref = refs[init]
             cells = []
             for b in budgets:
-                d = _paired_matrix(rows, init, _key(b), lr_of)
-                m, lo, hi = paired_bootstrap(d, n_boot, boot_seed)
-                cells.append("-" if math.isnan(m) else f"{m:+.3f} [{lo:+.3f}, {hi:+.3f}]")
-            lines.append(f"| {init} | " + " | ".join(cells) + " |")
+                d = paired_differences(rows, init, ref, _key(b), lr_of)
+                if d.size == 0:
+                    cells.append("-")
+                    continue
+                r = hierarchical_interval(d)
+                cells.append(_interval_cell(r))
+                (gains if r.lo > 0 else no_evidence).append(f"{init} N={b}")
+            lines.append(f"| {init} (vs {ref}) | " + " | ".join(cells) + " |")
+        lines += ["", "Gains the intervals support: " + (", ".join(gains) if gains else "none") + "."]
 
-    if FULL in budgets and num:
-        lines += ["", "## Fraction of the full-label Dice of the same initialisation", "",
-                  "| init | full-label Dice | " + " | ".join(f"N={b}" for b in num) + " |",
-                  "|---|---|" + "---|" * len(num)]
+    stats = _ceiling_stats(ceiling_rows or [])
+    if stats:
+        pool = f"all {n_labelled_pool} labelled pool volumes" if n_labelled_pool else "every labelled pool volume"
+        lines += ["", "## Ceiling: full labels, trained to convergence", "",
+                  f"Data: {pool}; trained until the window means of the training loss improved by less than 1% over "
+                  "the last fifth of the steps (at least the minimum steps, at most the cap); one run per seed.", "",
+                  "| init | Dice (mean +- SD over seeds) | steps used | converged before the cap |", "|---|---|---|---|"]
         for init in inits:
-            full, _, n_full = cell(init, FULL)
-            fr = [(_fmt(cell(init, b)[0] / full) if n_full and full > 0 else "-") for b in num]
-            lines.append(f"| {init} | {_fmt(full)} | " + " | ".join(fr) + " |")
+            if init in stats:
+                st = stats[init]
+                steps = st["steps"]
+                rng = f"{min(steps)}-{max(steps)}" if steps else "-"
+                lines.append(f"| {init} | {_fmt(st['mean'], st['std'])} (n={st['n']}) | {rng} | "
+                             f"{st['converged']}/{st['n']} (cap {st['cap']}) |")
+    if stats and num:
+        lines += ["", "## Fraction of the converged full-label Dice of the random init of the same architecture", "",
+                  "| init | ceiling used | " + " | ".join(f"N={b}" for b in num) + " |", "|---|---|" + "---|" * len(num)]
+        for init in inits:
+            ref = refs.get(init) or init
+            if ref not in stats or not stats[ref]["n"]:
+                continue
+            full = stats[ref]["mean"]
+            fr = [_fmt(cell(init, b)[0] / full) if cell(init, b)[2] and full > 0 else "-" for b in num]
+            lines.append(f"| {init} | {ref} ({_fmt(full)}) | " + " | ".join(fr) + " |")
 
     lines += ["", "## Learning rate of the reported runs", "", "| init | " + " | ".join(f"N={c}" for c in cols) + " |",
               "|---|" + "---|" * len(cols)]
     for init in inits:
         lines.append(f"| {init} | " + " | ".join(lr_of.get((init, _key(b)), "-") for b in budgets) + " |")
+    if costs:
+        lines += ["", "## Pretraining cost (this machine)", "", "| init | steps | s/step (median) | wall-clock |",
+                  "|---|---|---|---|"]
+        for init in inits:
+            c = costs.get(init)
+            if c:
+                lines.append(f"| {init} | {c.get('steps', '-')} | {_fmt(float(c.get('step_seconds', math.nan)), digits=2)} "
+                             f"| {_fmt(float(c.get('seconds', math.nan)) / 60, digits=1)} min |")
     text = "\n".join(lines) + "\n"
     atomic_write_text(text, path)
     return text

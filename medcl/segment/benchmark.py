@@ -43,7 +43,7 @@ from medcl.core.files import atomic_write_json, write_csv
 from medcl.data import load_manifest
 from medcl.data.splits import FULL, LabelBudgetSplit, load_split, make_label_budget_split
 from medcl.segment.bench_config import RANDOM, InitSpec, LabelEfficiencyConfig, load_benchmark_config
-from medcl.segment.bench_report import budget_order, plot_dice_vs_labels, write_report
+from medcl.segment.bench_report import UNIT_SENTENCE, budget_order, plot_dice_vs_labels, write_report
 from medcl.segment.finetune import DONE_FILE, run_finetune
 from medcl.segment.prepare import CaseSelection, finetune_config_from_dict, merge_config
 
@@ -114,11 +114,13 @@ def _case_rows(run_dir: Path) -> dict[str, dict[str, Any]]:
 
 @dataclass(frozen=True)
 class Init:
-    """An initialisation of the benchmark: its table name, its checkpoint (``None``: random) and stages to load."""
+    """An initialisation of the benchmark: its table name, its checkpoint (``None``: a random arm), the stages to
+    load, and the random arm it is compared with (``None`` for random arms)."""
 
     name: str
     checkpoint: str | None = None
     load: tuple[str, ...] | None = None
+    reference: str | None = None
 
 
 @dataclass(frozen=True)
@@ -135,16 +137,17 @@ class Arm:
     seed: int
     lr: float | None
     sweep: bool = False
+    ceiling: bool = False
 
     def folder(self, out: Path) -> Path:
         lr = f"lr{self.lr:g}" if self.lr is not None else "lr"
-        return (out / ("sweep" if self.sweep else "runs") / self.init.name / f"n{self.budget}" / f"c{self.combination}"
-                / f"s{self.seed}" / lr)
+        kind = "sweep" if self.sweep else "ceiling" if self.ceiling else "runs"
+        return out / kind / self.init.name / f"n{self.budget}" / f"c{self.combination}" / f"s{self.seed}" / lr
 
     def tag(self) -> str:
         lr = f"{self.lr:g}" if self.lr is not None else "?"
-        return (f"{'sweep ' if self.sweep else ''}init={self.init.name} N={self.budget} combination={self.combination} "
-                f"seed={self.seed} lr={lr}")
+        kind = "sweep " if self.sweep else "ceiling " if self.ceiling else ""
+        return f"{kind}init={self.init.name} N={self.budget} combination={self.combination} seed={self.seed} lr={lr}"
 
 
 def run_label_efficiency(
@@ -167,16 +170,27 @@ def run_label_efficiency(
     split = _get_split(cfg, manifest, out)
     split.check_manifest(manifest, str(out / "split.json"))
     inits = _prepare_inits(cfg, split, data, out, pretrain_fn, device)
-    finetune_base = _same_architecture(finetune_base, inits)
+    bases = _architectures(finetune_base, inits)
     budgets: list[Any] = list(budget_order(split.budgets)) + ([FULL] if cfg.full_label else [])
     sweep_arms, final_arms = _plan_arms(cfg, split, inits, budgets)
-    runner = _ArmRunner(cfg, finetune_base, manifest, split, out, device, len(sweep_arms) + len(final_arms))
+    ceiling_arms = [Arm(i, FULL, 0, s, None, ceiling=True) for i in inits if i.name in cfg.ceiling.inits
+                    for s in cfg.seeds]
+    total = len(sweep_arms) + len(final_arms) + len(ceiling_arms)
+    runner = _ArmRunner(cfg, bases, manifest, split, out, device, total)
 
     chosen, rule = _select_learning_rates(cfg, inits, budgets, sweep_arms, runner.run_all(sweep_arms), out)
-    final_arms = [a if a.lr is not None else replace(a, lr=chosen[(a.init.name, str(a.budget))]) for a in final_arms]
+
+    def with_lr(a: Arm) -> Arm:
+        return a if a.lr is not None else replace(a, lr=chosen.get((a.init.name, str(a.budget)), cfg.lr.default))
+
+    final_arms = [with_lr(a) for a in final_arms]
     rows = _collect_rows(final_arms, runner.run_all(final_arms), rule, out)
     write_csv(out / "results.csv", rows)
-    _report(cfg, rows, out, [i.name for i in inits], chosen, split, data)
+    ceiling_arms = [with_lr(a) for a in ceiling_arms]
+    ceiling_rows = _collect_rows(ceiling_arms, runner.run_all(ceiling_arms), rule, out, steps=True)
+    if ceiling_rows:
+        write_csv(out / "ceiling.csv", ceiling_rows)
+    _report(cfg, rows, ceiling_rows, out, inits, chosen, split, data)
     return rows
 
 
@@ -189,15 +203,18 @@ def _prepare_inits(cfg: LabelEfficiencyConfig, split: LabelBudgetSplit, data: st
     inits = [Init(RANDOM)] if cfg.random_init else []
     for spec in cfg.inits:
         load = tuple(spec.load) if spec.load else None
+        if spec.random:
+            inits.append(Init(spec.name))
+            continue
         if spec.checkpoint:
-            inits.append(Init(spec.name, spec.checkpoint, load))
+            inits.append(Init(spec.name, spec.checkpoint, load, spec.reference))
             continue
         if pretrain_fn is None:
             raise MedclConfigError(f"inits.{spec.name}", "pretraining a method needs medcl.pretrain.run_pretrain, which "
                                                          "is not available here; give a checkpoint instead")
         log.info("pretraining '%s' on the unlabelled pool (%d cases, test set excluded)", spec.name, len(split.pool))
         ckpt = pretrain_init(spec, data, out / "pretrain" / spec.name, split.pool, cfg.split.seed, pretrain_fn, device)
-        inits.append(Init(spec.name, ckpt, load))
+        inits.append(Init(spec.name, ckpt, load, spec.reference))
     for init in inits:
         if init.checkpoint is not None:
             overlap = check_leakage(read_checkpoint(init.checkpoint), split.test, cfg.allow_test_overlap)
@@ -228,9 +245,9 @@ def _plan_arms(cfg: LabelEfficiencyConfig, split: LabelBudgetSplit, inits: list[
 class _ArmRunner:
     """Runs arms (skipping finished ones, resuming killed ones), in this process or ``cfg.jobs`` processes."""
 
-    def __init__(self, cfg: LabelEfficiencyConfig, base: dict[str, Any], manifest: Any, split: LabelBudgetSplit,
-                 out: Path, device: str, total: int) -> None:
-        self.cfg, self.base, self.manifest, self.split, self.out, self.device = cfg, base, manifest, split, out, device
+    def __init__(self, cfg: LabelEfficiencyConfig, bases: dict[str, dict[str, Any]], manifest: Any,
+                 split: LabelBudgetSplit, out: Path, device: str, total: int) -> None:
+        self.cfg, self.bases, self.manifest, self.split, self.out, self.device = cfg, bases, manifest, split, out, device
         self.total, self.count = total, 0
 
     def job(self, arm: Arm) -> dict[str, Any]:
@@ -242,9 +259,15 @@ class _ArmRunner:
                             test=[] if arm.sweep else list(self.split.test), budget=arm.budget,
                             combination=arm.combination, source="benchmark")
         steps = (cfg.full_steps or cfg.steps) if arm.budget == FULL else cfg.steps
-        over = {"seed": arm.seed, "optim": {"lr": arm.lr}, "trainer": {"max_steps": steps},
-                "init": {"checkpoint": arm.init.checkpoint, **({"load": list(arm.init.load)} if arm.init.load else {})}}
-        return {"config": merge_config(self.base, over), "manifest": self.manifest, "out": str(arm.folder(self.out)),
+        over: dict[str, Any] = {"seed": arm.seed, "optim": {"lr": arm.lr}, "trainer": {"max_steps": steps},
+                                "init": {"checkpoint": arm.init.checkpoint,
+                                         **({"load": list(arm.init.load)} if arm.init.load else {})}}
+        if arm.ceiling:
+            c = cfg.ceiling
+            over["trainer"]["max_steps"] = c.max_steps
+            over["converge"] = {"enabled": True, "min_steps": c.min_steps, "tolerance": c.tolerance, "tail": c.tail}
+        base = self.bases[arm.init.name]
+        return {"config": merge_config(base, over), "manifest": self.manifest, "out": str(arm.folder(self.out)),
                 "selection": sel, "allow": cfg.allow_test_overlap, "device": self.device,
                 "part": "validation" if arm.sweep else "test"}
 
@@ -305,47 +328,63 @@ def _select_learning_rates(cfg: LabelEfficiencyConfig, inits: list[Init], budget
     return chosen, rule
 
 
-def _collect_rows(arms: list[Arm], folders: list[Path], rule: dict[tuple[str, str], str], out: Path
-                  ) -> list[dict[str, Any]]:
-    """One row per reported run and test case (the rows of ``results.csv``)."""
+def _collect_rows(arms: list[Arm], folders: list[Path], rule: dict[tuple[str, str], str], out: Path,
+                  steps: bool = False) -> list[dict[str, Any]]:
+    """One row per run and test case (the rows of ``results.csv``; with ``steps`` also the steps trained and
+    whether the run converged, for ``ceiling.csv``)."""
     rows: list[dict[str, Any]] = []
     for arm, folder in zip(arms, folders):
+        extra: dict[str, Any] = {}
+        if steps:
+            s = json.loads((folder / DONE_FILE).read_text())
+            extra = {"steps": s.get("steps"), "max_steps": s.get("max_steps"), "converged": s.get("converged")}
         for case, m in _case_rows(folder).items():
-            rows.append({"init": arm.init.name, "budget": arm.budget, "combination": arm.combination, "seed": arm.seed,
-                         "lr": f"{arm.lr:g}", "lr_rule": rule[(arm.init.name, str(arm.budget))],
-                         "run": str(folder.relative_to(out)), "case": case, **m})
+            rows.append({"init": arm.init.name, "reference": arm.init.reference or "", "budget": arm.budget,
+                         "combination": arm.combination, "seed": arm.seed, "lr": f"{arm.lr:g}",
+                         "lr_rule": rule.get((arm.init.name, str(arm.budget)), "fallback"),
+                         "run": str(folder.relative_to(out)), **extra, "case": case, **m})
     return rows
 
 
-def _same_architecture(base: dict[str, Any], inits: list[Init]) -> dict[str, Any]:
-    """Every init must fine-tune the same network on the same preprocessing: the random init takes the pretrained
-    checkpoints' backbone (which must agree with each other) and plan (the config's ``data.plan`` keys on top)."""
+def _architectures(base: dict[str, Any], inits: list[Init]) -> dict[str, dict[str, Any]]:
+    """The fine-tuning base config of each init. A pretrained init fine-tunes its checkpoint's architecture; a
+    random arm takes the architecture (and preprocessing plan) of the pretrained inits that name it as their
+    reference, which must agree: a paired difference compares one network with and without pretraining."""
     from medcl.segment.init import read_checkpoint
 
-    archs, plans = {}, {}
+    archs: dict[str, dict[str, Any]] = {}
+    plans: dict[str, dict[str, Any]] = {}
+    for init in inits:
+        if init.checkpoint is None:
+            continue
+        c = read_checkpoint(init.checkpoint)
+        if c.backbone is not None:
+            archs[init.name] = {k: v for k, v in c.backbone.items() if k not in ("in_channels", "out_channels")}
+        if c.plan is not None:
+            plans[init.name] = {k: v for k, v in c.plan.items() if k not in ("channel_names", "labels")}
+    user_plan = dict((base.get("data") or {}).get("plan") or {})
+    out: dict[str, dict[str, Any]] = {}
     for init in inits:
         if init.checkpoint is not None:
-            name = init.name
-            c = read_checkpoint(init.checkpoint)
-            if c.backbone is not None:
-                archs[name] = {k: v for k, v in c.backbone.items() if k not in ("in_channels", "out_channels")}
-            if c.plan is not None:
-                plans[name] = {k: v for k, v in c.plan.items() if k not in ("channel_names", "labels")}
-    out = base
-    if archs:
-        first = next(iter(archs.values()))
-        if any(a != first for a in archs.values()):
-            raise MedclConfigError("inits", f"the pretrained checkpoints have different backbones ({', '.join(archs)}); a "
-                                   "label-efficiency comparison needs one architecture")
-        log.info("every init fine-tunes the pretrained architecture: %s", first)
-        out = merge_config(out, {"backbone": dict(first)})
-    if plans:
-        first_plan = next(iter(plans.values()))
-        if any(p != first_plan for p in plans.values()):
-            warnings.warn(f"the pretrained checkpoints were made with different preprocessing plans ({', '.join(plans)}); "
-                          "each fine-tunes with its own, the random init with the first", stacklevel=2)
-        user = dict((base.get("data") or {}).get("plan") or {})
-        out = merge_config(out, {"data": {"plan": {**first_plan, **user}}})
+            out[init.name] = base
+            continue
+        members = [i.name for i in inits if i.reference == init.name]
+        group = {n: archs[n] for n in members if n in archs}
+        cfg = base
+        if group:
+            first = next(iter(group.values()))
+            if any(a != first for a in group.values()):
+                raise MedclConfigError("inits", f"the checkpoints compared with '{init.name}' have different backbones "
+                                       f"({', '.join(group)}); give each architecture its own random arm")
+            log.info("random arm '%s' fine-tunes the architecture of %s: %s", init.name, ", ".join(group), first)
+            cfg = merge_config(cfg, {"backbone": dict(first)})
+        group_plans = [plans[n] for n in members if n in plans]
+        if group_plans:
+            if any(p != group_plans[0] for p in group_plans):
+                warnings.warn(f"the checkpoints compared with '{init.name}' were made with different preprocessing "
+                              f"plans; each fine-tunes with its own, '{init.name}' with the first", stacklevel=2)
+            cfg = merge_config(cfg, {"data": {"plan": {**group_plans[0], **user_plan}}})
+        out[init.name] = cfg
     return out
 
 
@@ -384,18 +423,37 @@ def _get_split(cfg: LabelEfficiencyConfig, manifest: Any, out: Path) -> LabelBud
     return split
 
 
-def _report(cfg: LabelEfficiencyConfig, rows: list[dict[str, Any]], out: Path, inits: list[str],
-            chosen: dict[tuple[str, str], float], split: LabelBudgetSplit, data: str) -> None:
+def _pretrain_costs(inits: list[Init]) -> dict[str, dict[str, Any]]:
+    """Steps, median seconds per step and wall-clock of each pretrained init (from its run's summary.json)."""
+    costs = {}
+    for init in inits:
+        if init.checkpoint is None:
+            continue
+        p = Path(init.checkpoint)
+        folder = p if p.is_dir() else p.parent.parent if p.parent.name == "checkpoints" else p.parent
+        f = folder / "summary.json"
+        if f.is_file():
+            s = json.loads(f.read_text())
+            costs[init.name] = {"steps": s.get("steps"), "step_seconds": s.get("step_seconds_median", math.nan),
+                                "seconds": s.get("seconds", s.get("steps", 0) * s.get("step_seconds_median", math.nan))}
+    return costs
+
+
+def _report(cfg: LabelEfficiencyConfig, rows: list[dict[str, Any]], ceiling_rows: list[dict[str, Any]], out: Path,
+            inits: list[Init], chosen: dict[tuple[str, str], float], split: LabelBudgetSplit, data: str) -> None:
+    names = [i.name for i in inits]
+    refs = {i.name: i.reference for i in inits}
     budgets = budget_order({r["budget"] for r in rows})
+    full_steps = cfg.full_steps or cfg.steps
     header = [
         "# Label-efficiency benchmark", "",
         f"- data: `{data}`; test set: {len(split.test)} cases (fixed); unlabelled pool: {len(split.pool)} cases; "
         f"split seed {split.seed}" + (" (patient-aware)" if split.patient_aware else ""),
         f"- budgets: {', '.join(str(b) for b in budgets)} labelled volumes"
-        + (f" (full = all {len(split.labelled_pool)} labelled pool volumes)" if FULL in budgets else "") + ", "
-        f"{max(split.n_combinations(b) for b in split.budgets)} combination(s) each; seeds {cfg.seeds}",
-        f"- every run: {cfg.steps} steps" + (f" ({cfg.full_steps} for full-label runs)" if cfg.full_steps else "")
-        + "; last model (no selection on labels)",
+        + (f" (full = all {len(split.labelled_pool)} labelled pool volumes, {full_steps} steps"
+           + (", the same schedule as every budget)" if full_steps == cfg.steps else ")") if FULL in budgets else "")
+        + f", {max(split.n_combinations(b) for b in split.budgets)} combination(s) each; seeds {cfg.seeds}",
+        f"- every run: {cfg.steps} steps; last model (no selection on labels)",
         "- learning rate: " + (
             f"selected per init and budget among {cfg.lr.values} by the mean Dice on {cfg.lr.validation_cases} "
             f"validation volume(s) held out *inside* each labelled combination (first seed); where the budget is "
@@ -403,16 +461,17 @@ def _report(cfg: LabelEfficiencyConfig, rows: list[dict[str, Any]], out: Path, i
             if cfg.lr.selection == "validation" else
             f"every LR of {cfg.lr.values} was run; the tables report the LR fixed in advance ({cfg.lr.default:g}); "
             "results_lr*.md show each LR"),
+        "- paired differences: " + UNIT_SENTENCE,
         "- Dice: per test case the mean over the foreground classes, in the original geometry",
     ]
-    lr_of = {(i, str(b)): f"{chosen.get((i, str(b)), cfg.lr.default):g}" for i in inits for b in budgets}
+    kw = {"references": refs, "ceiling_rows": ceiling_rows, "n_labelled_pool": len(split.labelled_pool),
+          "costs": _pretrain_costs(inits)}
+    lr_of = {(i, str(b)): f"{chosen.get((i, str(b)), cfg.lr.default):g}" for i in names for b in budgets}
     if cfg.lr.selection == "report_all":
         lr_of = {k: f"{cfg.lr.default:g}" for k in lr_of}
         for lr in sorted(cfg.lr.values):
-            write_report(rows, out / f"results_lr{lr:g}.md", inits=inits,
-                         lr_of={k: f"{lr:g}" for k in lr_of}, header=header + [f"- this file: lr = {lr:g}"],
-                         n_boot=cfg.bootstrap, boot_seed=cfg.bootstrap_seed)
-    write_report(rows, out / "results.md", inits=inits, lr_of=lr_of, header=header, n_boot=cfg.bootstrap,
-                 boot_seed=cfg.bootstrap_seed)
-    plot_dice_vs_labels(rows, out / "dice_vs_labels.png", inits=inits, lr_of=lr_of,
+            write_report(rows, out / f"results_lr{lr:g}.md", inits=names, lr_of={k: f"{lr:g}" for k in lr_of},
+                         header=header + [f"- this file: lr = {lr:g}"], **kw)
+    write_report(rows, out / "results.md", inits=names, lr_of=lr_of, header=header, **kw)
+    plot_dice_vs_labels(rows, out / "dice_vs_labels.png", inits=names, lr_of=lr_of,
                         title=f"{Path(data).name}: Dice vs labelled volumes")

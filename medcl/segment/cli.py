@@ -130,7 +130,7 @@ def register_benchmark(bsub: argparse._SubParsersAction) -> None:
         description="For each initialisation (random, pretraining checkpoints, pretraining methods run on the "
         "unlabelled pool) x labelled budget x combination x seed: fine-tune with the same step budget and the same "
         "learning-rate sweep (selected on validation volumes inside the budget), test on the fixed test set. "
-        "Writes results.csv, results.md (mean +- std Dice, paired differences to random init with bootstrap "
+        "Writes results.csv, results.md (mean +- std Dice, paired differences to random init with hierarchical "
         "intervals, fraction of the full-label Dice) and dice_vs_labels.png. Rerunning skips finished runs. "
         "Extra key=value arguments override config keys (e.g. steps=100 seeds=[0] finetune.threads=1).")
     p.add_argument("--config", default=None, help="benchmark YAML (configs/benchmark/*.yaml)")

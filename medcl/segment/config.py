@@ -15,6 +15,7 @@ Layout (every section optional; unknown keys fail before training with the dotte
     split:    {file, labelled, combination, validation}
     inference: {roi_size, overlap, sw_batch_size, mode, tta, mirror_axes}
     eval:     {nsd_tolerance_mm, save_predictions}
+    converge: {enabled, min_steps, tail, tolerance, check_every}   # train until converged (max_steps = the cap)
     trainer:  {max_steps, ckpt_every, ...}   # medcl.engine.trainer.TrainerConfig
 """
 
@@ -257,6 +258,29 @@ class EvalConfig:
     save_predictions: bool = False
 
 
+@dataclass
+class ConvergeConfig:
+    """Train until converged instead of a fixed number of steps (:mod:`medcl.engine.convergence`).
+
+    Attributes:
+        enabled: stop when the window means of the training loss improve by less than ``tolerance`` over the last
+            ``tail`` of the steps (checked every ``check_every`` steps from ``min_steps`` on); ``trainer.max_steps``
+            is the cap and the learning-rate schedule runs over it.
+    """
+
+    enabled: bool = False
+    min_steps: int = 1000
+    tail: float = 0.2
+    tolerance: float = 0.01
+    check_every: int = 50
+
+    def validate(self) -> None:
+        if not 0 < self.tail <= 0.5:
+            raise MedclConfigError("converge.tail", f"must be in (0, 0.5], got {self.tail}")
+        if self.min_steps < 1 or self.check_every < 1 or self.tolerance < 0:
+            raise MedclConfigError("converge", "min_steps and check_every must be >= 1, tolerance >= 0")
+
+
 def _default_trainer() -> TrainerConfig:
     return TrainerConfig(max_steps=250, ckpt_every=50, keep_checkpoints=1, log_every=10, num_workers=0)
 
@@ -283,6 +307,7 @@ class FinetuneConfig:
     split: SplitConfig = field(default_factory=SplitConfig)
     inference: InferenceConfig = field(default_factory=InferenceConfig)
     eval: EvalConfig = field(default_factory=EvalConfig)
+    converge: ConvergeConfig = field(default_factory=ConvergeConfig)
     trainer: TrainerConfig = field(default_factory=_default_trainer)
 
     @property

@@ -191,6 +191,7 @@ class _Job:
     record: dict[str, Any]
     init_info: dict[str, Any] | None
     last: Path | None
+    converged_at: int | None = None
 
 
 def _prepare(cfg: FinetuneConfig, data: str | os.PathLike | Manifest, out: Path, selection: CaseSelection | None,
@@ -253,6 +254,13 @@ def _train(job: _Job, device: str, progress: bool, callbacks: list[Any] | None) 
     accelerator = resolve_accelerator(device)
     module = SegmentationModule(job.net, cfg, labels.num_classes, labels.ignore_label, job.record,
                                 channels_last=use_channels_last(cfg.trainer, accelerator))
+    stop = None
+    if cfg.converge.enabled:
+        from medcl.engine.convergence import ConvergenceStop
+
+        c = cfg.converge
+        stop = ConvergenceStop(c.min_steps, c.tail, c.tolerance, c.check_every)
+        callbacks = [*(callbacks or []), stop]
     trainer = make_trainer(cfg.trainer, job.out, device=device, callbacks=callbacks, enable_progress_bar=progress)
     # the patch stream keeps its prepared volumes in RAM itself; a disk cache still saves decoding across runs
     train_cases = CaseDataset(labels.manifest, job.plan, cases=sel.train, with_label=True,
@@ -270,7 +278,8 @@ def _train(job: _Job, device: str, progress: bool, callbacks: list[Any] | None) 
              labels.num_classes, cfg.trainer.max_steps, f"{init['checkpoint']} ({init['kind']})" if init else "random",
              cfg.optim.mode)
     trainer.fit(module, train_dataloaders=loader, ckpt_path=str(job.last) if job.last is not None else None)
-    if trainer.global_step < cfg.trainer.max_steps:
+    job.converged_at = stop.stopped_at if stop is not None else None
+    if trainer.global_step < cfg.trainer.max_steps and job.converged_at is None:
         raise MedclDataError(job.out, f"training stopped at step {trainer.global_step} of {cfg.trainer.max_steps}")
     return module, trainer
 
@@ -300,7 +309,11 @@ def _finish(job: _Job, module: Any, trainer: Any, device: str, t0: float) -> Fin
                                "combination": sel.combination, "n_train": len(sel.train),
                                "n_validation": len(sel.validation), "n_test": len(sel.test),
                                "validation_inside_budget": bool(sel.validation),
-                               "init": job.init_info, "seed": cfg.seed, "lr": cfg.optim.lr, "mode": cfg.optim.mode}
+                               "init": job.init_info, "seed": cfg.seed, "lr": cfg.optim.lr, "mode": cfg.optim.mode,
+                               "max_steps": cfg.trainer.max_steps}
+    if cfg.converge.enabled:
+        summary["converged"] = job.converged_at is not None
+        summary["converged_at"] = job.converged_at
     if sel.validation:
         result.validation_rows = evaluate_cases(fn, job.manifest, job.plan, sel.validation, labels, cfg, dev)
         write_metrics_csv(result.validation_rows, out / "validation.csv")
