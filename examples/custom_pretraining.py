@@ -52,7 +52,7 @@ def method_config(plan: PreprocessingPlan, arch: BackboneConfig, volumes_per_ste
         "terms": {"global": {"kind": "contrastive", "views": "partition", "strategy": "gd", "stage": "bottleneck",
                              "pool": "flatten", "temperature": TEMPERATURE, "mode": "per_pair"},
                   "recon": {"kind": "reconstruction", "views": "partition", "stage": "decoder.last", "loss": "l1"}},
-        "optim": {"lr": LR, "warmup_steps": 0, "min_lr_ratio": 1.0},  # constant LR, as the loop below
+        "optim": {"lr": LR, "lr_warmup_steps": 0, "min_lr_ratio": 1.0},  # constant LR, as the loop below
         "trainer": {"max_steps": steps, "ckpt_every": 0, "num_workers": 0, "log_every": 1},
         "monitor": {"probe_every": 0, "probe_crop": [CROP] * 3}}
 

@@ -66,7 +66,7 @@ def run(args: argparse.Namespace) -> dict:
                        f"backbone.strides={[list(s) if isinstance(s, tuple) else s for s in cfg.backbone.strides]}",
                        f"views.partition.crop={patch}", f"monitor.probe_crop={patch}", "monitor.probe_every=0",
                        "data.volumes_per_step=2", "data.probe_volumes=0", "trainer.num_workers=0",
-                       "trainer.ckpt_every=0", "optim.warmup_steps=0"])
+                       "trainer.ckpt_every=0", "optim.lr_warmup_steps=0"])
     cfg.init.checkpoint = str(ckpt)
 
     # fine-tune: the load report is printed (and written to load_report.json), then the test metrics

@@ -23,8 +23,13 @@ from medcl.core.files import atomic_write_text
 T = TypeVar("T")
 
 
-def read_yaml(path: str | Path) -> dict[str, Any]:
-    """Read a YAML mapping (safe loader); a missing file or a non-mapping is a config error."""
+def read_yaml(path: str | Path, _chain: tuple[Path, ...] = ()) -> dict[str, Any]:
+    """Read a YAML mapping (safe loader); a missing file or a non-mapping is a config error.
+
+    **Inheritance**: a top-level ``base: OTHER.yaml`` (relative to this file) reads ``OTHER.yaml`` first and merges
+    this file over it: mappings merge key by key (recursively), any other value (lists included) replaces the
+    base's. Bases may have bases; a cycle is an error.
+    """
     p = Path(path)
     if not p.is_file():
         raise MedclConfigError(str(p), "config file not found")
@@ -36,7 +41,23 @@ def read_yaml(path: str | Path) -> dict[str, Any]:
         return {}
     if not isinstance(data, dict):
         raise MedclConfigError(str(p), "the top level of a config must be a mapping")
+    if "base" in data:
+        ref = data.pop("base")
+        if not isinstance(ref, str):
+            raise MedclConfigError(f"{p}: base", f"expected the path of a YAML file, got {ref!r}")
+        base_path = (p.parent / ref).resolve()
+        if base_path in _chain or base_path == p.resolve():
+            raise MedclConfigError(f"{p}: base", f"inheritance cycle through {base_path}")
+        data = merge_mappings(read_yaml(base_path, (*_chain, p.resolve())), data)
     return data
+
+
+def merge_mappings(base: dict[str, Any], top: dict[str, Any]) -> dict[str, Any]:
+    """``top`` over ``base``: mappings merge recursively, other values replace (neither input is changed)."""
+    out = _deepcopy(base)
+    for k, v in top.items():
+        out[k] = merge_mappings(out[k], v) if isinstance(v, dict) and isinstance(out.get(k), dict) else _deepcopy(v)
+    return out
 
 
 def apply_overrides(data: dict[str, Any], overrides: list[str]) -> dict[str, Any]:
@@ -143,12 +164,20 @@ def _coerce(value: Any, tp: Any, key: str) -> Any:
 
 
 def from_dict(cls: type[T], data: dict[str, Any], prefix: str = "") -> T:
-    """Build dataclass ``cls`` from ``data``; unknown, missing or ill-typed keys raise with the dotted key."""
+    """Build dataclass ``cls`` from ``data``; unknown, missing or ill-typed keys raise with the dotted key.
+
+    A schema class may declare ``RENAMED = {old key: message}`` (a ``ClassVar``): an old key then fails with that
+    message (naming the new key) instead of "unknown key".
+    """
     if not isinstance(data, dict):
         raise MedclConfigError(prefix or "<root>", f"expected a mapping, got {data!r}")
     hints = typing.get_type_hints(cls)
     names = {f.name: f for f in dataclasses.fields(cls)}  # type: ignore[arg-type]
     unknown = sorted(set(data) - set(names))
+    renamed = getattr(cls, "RENAMED", {})
+    for u in unknown:
+        if u in renamed:  # a key an earlier medcl had: say where it went
+            raise MedclConfigError(f"{prefix}.{u}" if prefix else u, renamed[u])
     if unknown:
         k = f"{prefix}.{unknown[0]}" if prefix else unknown[0]
         raise MedclConfigError(k, f"unknown key (known keys here: {', '.join(sorted(names))})")

@@ -19,13 +19,17 @@ import logging
 import math
 import time
 from collections.abc import Sequence
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 
+from medcl.config import to_dict
 from medcl.core.device import resolve_device
 from medcl.core.files import atomic_write_json, atomic_write_text
+from medcl.core.record import RunRecord
+from medcl.core.runfolder import RunFolder, run_is_complete, test_metrics_path
 
 log = logging.getLogger(__name__)
 
@@ -52,6 +56,21 @@ def make_split(ids: Sequence[str], n_test: int, n_labelled: int, seed: int) -> d
     return {"test": test, "labelled": labelled, "pool": pool}
 
 
+@dataclass
+class DemoConfig:
+    """What ``medcl demo`` ran with (its ``config.yaml``)."""
+
+    data: str | None = None
+    n_phantoms: int = 24
+    phantom_size: int = 32
+    n_test: int = 8
+    n_labelled: int = 2
+    pretrain_steps: int | None = None
+    finetune_steps: int | None = None
+    seeds: list[int] = field(default_factory=lambda: [0, 1])
+    device: str = "auto"
+
+
 def run_demo(
     out: str | Path = "runs/demo",
     device: str = "auto",
@@ -75,7 +94,10 @@ def run_demo(
 
     t0 = time.time()
     out = Path(out)
-    out.mkdir(parents=True, exist_ok=True)
+    config = DemoConfig(None if data is None else str(data), n_phantoms, phantom_size, n_test, n_labelled,
+                        pretrain_steps, finetune_steps, [int(s) for s in seeds], device)
+    folder = RunFolder(out, RunRecord(kind="demo", config=to_dict(config)))
+    folder.begin(config)
     on_data = data is not None
     steps_total = 4 + 2 * len(seeds)
     step = [0]
@@ -118,7 +140,7 @@ def run_demo(
                 overrides.append(f"init.checkpoint={pre_dir / 'backbone.pt'}")
             cfg = load_finetune_config(ft_cfg, overrides)
             run_dir = out / f"finetune_{init}_seed{seed}"
-            if (run_dir / "summary.json").is_file():
+            if run_is_complete(run_dir) and (run_dir / "summary.json").is_file():
                 summary = json.loads((run_dir / "summary.json").read_text())
             else:
                 res = run_finetune(cfg, data, run_dir, selection=CaseSelection(train=split["labelled"], test=split["test"],
@@ -138,21 +160,21 @@ def run_demo(
         "seconds": round(time.time() - t0, 1),
         "device": resolve_device(device).type,
     }
-    atomic_write_json(summary, out / "summary.json")
     atomic_write_text(_markdown(table, summary), out / "summary.md")
     _plot_dice(per_case, out / "dice.png")
     _plot_examples(out, data, split["test"][:3], out / "examples.png")
+    folder.finish(summary, step=len(seeds) * len(INITS))
     log.info("%s", _markdown(table, summary))
     return summary
 
 
 def _per_case_dice(out: Path, runs: list[str]) -> list[float]:
-    """Mean-over-classes Dice of every test case of every run (``metrics.csv`` rows)."""
+    """Mean-over-classes Dice of every test case of every run (``test_metrics.csv`` rows)."""
     import csv
 
     by_case: dict[tuple[str, str], list[float]] = {}
     for run in runs:
-        with open(out / run / "metrics.csv", newline="") as f:
+        with open(test_metrics_path(out / run), newline="") as f:
             for row in csv.DictReader(f):
                 try:
                     v = float(row.get("dice", "nan"))

@@ -41,10 +41,15 @@ def test_errors_name_what():
 
 
 def test_run_record_roundtrip():
-    r = RunRecord(kind="pretrain", config={"a": 1}, cases_seen=["c1"])
+    r = RunRecord(kind="pretrain", config={"a": 1}, cases_seen=["c1"], extra={"probe_cases": ["p1"]})
     d = r.to_dict()
-    assert d["version"] == 1 and d["environment"]["python"]
-    assert RunRecord.from_dict(d).cases_seen == ["c1"]
+    assert d["version"] == 2 and d["environment"]["python"] and d["complete"] is False and d["step"] == 0
+    back = RunRecord.from_dict(d)
+    assert back.cases_seen == ["c1"] and back.extra == {"probe_cases": ["p1"]} and back.complete is False
+    # a version-1 record (before complete / step / extra): unknown keys land in extra, completeness is unknown
+    old = {"kind": "pretrain", "cases_seen": ["c1"], "probe_cases": ["p2"], "data": "/d", "version": 1}
+    v1 = RunRecord.from_dict(old)
+    assert v1.extra == {"probe_cases": ["p2"], "data": "/d"} and v1.complete is None
     d["version"] = 99
     with pytest.raises(MedclDataError, match="newer"):
         RunRecord.from_dict(d)
@@ -68,5 +73,8 @@ def test_config_validation():
     assert c.opt.lr == 1e-4 and c.opt.steps == 5 and c.sizes == [3]
     with pytest.raises(MedclConfigError, match="opt.lrr"):
         from_dict(Cfg, {"opt": {"lrr": 1}})
+    Opt.RENAMED = {"rate": "renamed: use opt.lr"}  # a schema names the keys it renamed
+    with pytest.raises(MedclConfigError, match=r"config key 'opt.rate': renamed: use opt.lr"):
+        from_dict(Cfg, {"opt": {"rate": 1}})
     with pytest.raises(MedclConfigError, match="opt.steps"):
         from_dict(Cfg, {"opt": {"steps": "many"}})

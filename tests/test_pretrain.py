@@ -105,7 +105,7 @@ def test_gd_learns_where_crops_come_from(phantoms, tmp_path):
     probe on held-back volumes beats chance and random init (step 0 of the probe)."""
     ov = [o for o in TINY if not o.startswith(("data.probe_volumes", "monitor.probe_every"))]
     ov += ["data.probe_volumes=4", "monitor.probe_every=200", "monitor.knn_k=5", "views.partition.crop=[16,16,16]",
-           "data.volumes_per_step=4", "optim.warmup_steps=5", "trainer.precision=32"]
+           "data.volumes_per_step=4", "optim.lr_warmup_steps=5", "trainer.precision=32"]
     run = run_pretrain(CONFIGS / "gd.yaml", phantoms, tmp_path / "gd", overrides=ov, max_steps=200, progress=False)
     summary = json.loads((run / "summary.json").read_text())
     first, last = summary["probe_first"], summary["probe_last"]

@@ -259,3 +259,30 @@ def test_anatomical_ablations_remove_exactly_one_term(ablation, removed):
     expected["method"] = ablation
     assert abl == expected
     assert read_yaml(CONFIGS / f"{ablation}.yaml")["method"] == ablation
+
+
+def test_recipes_resolve_through_base_to_the_configs_they_were_before():
+    """The recipes inherit seed, data, backbone, optim, trainer and monitor from base/common.yaml; each resolves to
+    exactly the config it had before the inheritance (tests/data/pretrain_recipes_resolved.json), except for the
+    renamed key (optim.warmup_steps -> optim.lr_warmup_steps) and the keys added since (threads, device)."""
+    before = json.loads((Path(__file__).parent / "data" / "pretrain_recipes_resolved.json").read_text())
+    assert sorted(before) == RECIPES
+    for name in RECIPES:
+        now = to_dict(load_config(PretrainConfig, CONFIGS / f"{name}.yaml"))
+        assert (now.pop("threads"), now.pop("device")) == (None, "auto")
+        now["optim"]["warmup_steps"] = now["optim"].pop("lr_warmup_steps")
+        assert now == before[name], name
+        raw = (CONFIGS / f"{name}.yaml").read_text()
+        assert "base: base/common.yaml" in raw and "trainer:" not in raw, f"{name} repeats what the base holds"
+
+
+def test_yaml_base_inheritance_merges_mappings_and_refuses_cycles(tmp_path):
+    from medcl.core.errors import MedclConfigError
+
+    (tmp_path / "a.yaml").write_text("x: {p: 1, q: [1, 2]}\ny: 3\n")
+    (tmp_path / "b.yaml").write_text("base: a.yaml\nx: {q: [9]}\nz: 4\n")
+    assert read_yaml(tmp_path / "b.yaml") == {"x": {"p": 1, "q": [9]}, "y": 3, "z": 4}
+    (tmp_path / "c.yaml").write_text("base: d.yaml\n")
+    (tmp_path / "d.yaml").write_text("base: c.yaml\n")
+    with pytest.raises(MedclConfigError, match="cycle"):
+        read_yaml(tmp_path / "c.yaml")

@@ -170,7 +170,7 @@ def test_frozen_and_warmup_modes_train_the_right_stages():
         torch.manual_seed(0)
         net = build_backbone(BackboneConfig(in_channels=1, out_channels=2, filters=(4, 8, 16), strides=(1, 2, 2)))
         cfg = FinetuneConfig()
-        cfg.optim.mode, cfg.optim.warmup_steps, cfg.optim.lr, cfg.trainer.max_steps = mode, warmup, 1e-2, steps
+        cfg.optim.mode, cfg.optim.freeze_steps, cfg.optim.lr, cfg.trainer.max_steps = mode, warmup, 1e-2, steps
         m = SegmentationModule(net, cfg, 2, None, {})
         opt_cfg = m.configure_optimizers()
         opt, sched = opt_cfg["optimizer"], opt_cfg["lr_scheduler"]["scheduler"]
@@ -213,7 +213,9 @@ def test_labels_ignore_and_plan_resolution():
     plan = resolve_plan(m, cfg, {"spacing": [1.0, 1.0, 2.0], "channel_names": ["MRI"]}, resolve_labels(m, cfg))
     assert plan.spacing == (1.0, 1.0, 2.0) and plan.crop_foreground and plan.channel_names == ["T1"]
     assert plan.labels == {0: "background", 1: "tumour"}
-    with pytest.raises(MedclConfigError, match="optim.warmup_steps"):
+    with pytest.raises(MedclConfigError, match="optim.freeze_steps"):
         finetune_config_from_dict({"optim": {"mode": "warmup"}})
+    with pytest.raises(MedclConfigError, match="optim.freeze_steps"):  # no silent no-op in mode full
+        finetune_config_from_dict({"optim": {"mode": "full", "freeze_steps": 5}})
     with pytest.raises(MedclConfigError, match="init.load"):
         finetune_config_from_dict({"init": {"load": ["encoder", "heads"]}})

@@ -23,7 +23,7 @@ from medcl.data.splits import make_label_budget_split
 from medcl.io import read_volume, write_nifti
 from medcl.models import BackboneConfig, build_backbone, save_backbone
 from medcl.segment.bench_report import paired_differences, write_report
-from medcl.segment.init import build_from_checkpoint, check_leakage, read_checkpoint
+from medcl.segment.init import accept_checkpoint, build_from_checkpoint, read_checkpoint
 from medcl.segment.prepare import CaseSelection, finetune_config_from_dict
 
 ARCH = BackboneConfig(in_channels=1, filters=(8, 16, 32), strides=(1, 2, 2))
@@ -45,7 +45,7 @@ def ws(tmp_path_factory):
     net = build_backbone(ARCH)
     plan = PreprocessingPlan.for_manifest(manifest)
     record = RunRecord(kind="pretrain", config={"backbone": to_dict(ARCH)}, plan=plan.to_dict(),
-                       cases_seen=list(split.pool)).to_dict()
+                       cases_seen=list(split.pool), complete=True, step=10).to_dict()
     run = root / "pretrain"
     (run / "checkpoints").mkdir(parents=True)
     state = {f"backbone.{k}": v for k, v in net.state_dict().items()}
@@ -105,15 +105,51 @@ def test_leakage_guard_refuses_a_checkpoint_that_saw_test_cases(ws, tmp_path):
     with pytest.raises(MedclDataError, match=split.test[1]):
         run_finetune(cfg, ws["data"], tmp_path / "run", device="cpu")
     assert not (tmp_path / "run" / "checkpoints").exists()  # refused before any training
-    assert check_leakage(read_checkpoint(tmp_path / "leaky.pt"), split.test, allow=True) == [split.test[1]]
+    acc = accept_checkpoint(read_checkpoint(tmp_path / "leaky.pt"), test_cases=split.test, allow_test_overlap=True)
+    assert acc.test_overlap == [split.test[1]]
+
+
+def test_acceptance_refuses_test_patients_and_incomplete_runs(ws, tmp_path):
+    """Patients: a run that saw another volume of a test patient is refused; completeness: a run whose record
+    says complete: false is refused naming the step it reached and --allow-incomplete."""
+    rec = dict(ws["record"], patients_seen=["P7", "P9"])
+    save_backbone(ws["net"], tmp_path / "p.pt", record=rec)
+    with pytest.raises(MedclDataError, match="test patients .*P9"):
+        accept_checkpoint(read_checkpoint(tmp_path / "p.pt"), test_cases=["x"], test_patients=["P9", "P3"])
+    assert accept_checkpoint(read_checkpoint(tmp_path / "p.pt"), test_patients=["P9"],
+                             allow_test_overlap=True).patient_overlap == ["P9"]
+    save_backbone(ws["net"], tmp_path / "half.pt", record=dict(ws["record"], complete=False, step=3))
+    with pytest.raises(MedclDataError, match="step 3.*--allow-incomplete"):
+        accept_checkpoint(read_checkpoint(tmp_path / "half.pt"))
+    assert accept_checkpoint(read_checkpoint(tmp_path / "half.pt"), allow_incomplete=True).checkpoint.step == 3
+
+
+def test_finetune_refuses_a_state_dict_without_run_record_unless_allowed(ws, tmp_path, capsys):
+    """A real DynUNet state dict of the right architecture, but no run record: provenance is the only reason to
+    refuse; with --allow-unknown-provenance the run goes ahead and records provenance: unknown."""
+    torch.save(ws["net"].state_dict(), tmp_path / "plain.pt")
+    arch = [f"backbone.filters={list(ARCH.filters)}", f"backbone.strides={list(ARCH.strides)}"]
+    args = ["finetune", "--data", str(ws["data"]), "--init", str(tmp_path / "plain.pt"), "--split",
+            str(ws["root"] / "split.json"), "--labelled", "2", "--max-steps", "2", "--device", "cpu", *FAST, *arch]
+    assert main([*args, "--out", str(tmp_path / "a")]) != 0
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and "--allow-unknown-provenance" in err[0] and "Traceback" not in err[0]
+    assert not (tmp_path / "a" / "checkpoints").exists()
+    assert main([*args, "--out", str(tmp_path / "b"), "--allow-unknown-provenance"]) == 0
+    record = json.loads((tmp_path / "b" / "record.json").read_text())
+    assert record["extra"]["provenance"] == "unknown" and record["extra"]["init"]["provenance"] == "unknown"
+    assert record["kind"] == "finetune" and record["complete"] is True and record["step"] == 2
 
 
 def test_phantom_finetune_beats_chance(ws, trained):
     summary = json.loads((trained / "summary.json").read_text())
     assert summary["status"] == "done" and summary["steps"] == 80 and summary["n_test"] == 2
-    with open(trained / "metrics.csv") as f:
+    with open(trained / "test_metrics.csv") as f:
         rows = list(csv.DictReader(f))
     assert len(rows) == 2 * 3 and {r["name"] for r in rows} == {"liver", "kidneys", "bladder"}
+    with open(trained / "metrics.csv") as f:  # the training curves (run-folder contract)
+        curves = list(csv.DictReader(f))
+    assert curves and "train/loss" in curves[0] and int(curves[-1]["step"]) >= 70
     # chance: a prediction drawn independently with the true class frequencies has expected Dice = frequency
     freqs = []
     for cid in ws["split"].test:

@@ -2,7 +2,12 @@
 
 A :class:`RunRecord` is stored as a plain ``dict`` of strings, numbers, lists and dicts so that it
 survives ``torch.load(..., weights_only=True)`` and YAML/JSON alike. ``predict`` needs nothing else
-to reproduce the preprocessing; fine-tuning reads ``cases_seen`` to refuse test-set leakage.
+to reproduce the preprocessing; fine-tuning reads ``cases_seen`` / ``patients_seen`` to refuse test-set leakage,
+and ``complete`` / ``step`` to refuse a half-trained run. The same record is the run folder's ``record.json``
+(:mod:`medcl.core.runfolder`) and sits in every checkpoint (``checkpoint["medcl_record"]``).
+
+Version 2 added ``complete``, ``step``, ``patients_seen`` and ``extra``; version-1 records are still read
+(``complete`` is then unknown: ``None``).
 """
 
 from __future__ import annotations
@@ -15,7 +20,7 @@ from typing import Any
 
 from medcl.core.errors import MedclDataError
 
-RECORD_VERSION = 1
+RECORD_VERSION = 2
 
 
 def environment() -> dict[str, str]:
@@ -42,11 +47,17 @@ class RunRecord:
     """Versioned provenance of one run.
 
     Attributes:
-        kind: ``"pretrain"``, ``"finetune"``, ``"mil"`` ...
-        config: the resolved config (plain dict).
+        kind: ``"pretrain"``, ``"finetune"``, ``"label-efficiency"``, ``"mil"``, ``"wsi-tiles"``,
+            ``"wsi-features"``, ``"mil-encoder"``, ``"demo"``.
+        config: the resolved config (plain dict; it validates as the job's schema).
         plan: the preprocessing plan (plain dict, see :mod:`medcl.data.plan`).
         cases_seen: ids of every case whose voxels the run used for training.
         test_cases: ids held out for testing (fine-tuning runs).
+        patients_seen: patient ids of ``cases_seen`` (where the dataset names patients).
+        complete: ``True`` only once the run's final artefact is written (``False`` while it runs or after an
+            interruption; ``None`` in a version-1 record, where it is unknown).
+        step: optimiser steps done when the record was written.
+        extra: job-specific keys (pretraining's ``probe_cases`` and ``data``, fine-tuning's ``init`` ...).
         medcl_version, environment, created: filled in automatically.
     """
 
@@ -55,6 +66,10 @@ class RunRecord:
     plan: dict[str, Any] = field(default_factory=dict)
     cases_seen: list[str] = field(default_factory=list)
     test_cases: list[str] = field(default_factory=list)
+    patients_seen: list[str] = field(default_factory=list)
+    complete: bool | None = False
+    step: int = 0
+    extra: dict[str, Any] = field(default_factory=dict)
     medcl_version: str = ""
     environment: dict[str, str] = field(default_factory=dict)
     created: str = ""
@@ -75,7 +90,8 @@ class RunRecord:
 
     @classmethod
     def from_dict(cls, d: dict[str, Any], source: str = "run record") -> RunRecord:
-        """Rebuild from :meth:`to_dict` output; refuses records from a newer medcl."""
+        """Rebuild from :meth:`to_dict` output; refuses records from a newer medcl. Keys this version does not
+        know go to ``extra``; a version-1 record has ``complete = None`` (unknown)."""
         if not isinstance(d, dict) or "kind" not in d:
             raise MedclDataError(source, "not a medcl run record (no 'kind')")
         version = int(d.get("version", 0))
@@ -84,4 +100,8 @@ class RunRecord:
                 source, f"run record version {version} is newer than this medcl understands ({RECORD_VERSION})"
             )
         known = {f for f in cls.__dataclass_fields__}
-        return cls(**{k: v for k, v in d.items() if k in known})
+        kw = {k: v for k, v in d.items() if k in known}
+        kw["extra"] = {**{k: v for k, v in d.items() if k not in known}, **dict(d.get("extra") or {})}
+        if version < 2:
+            kw["complete"] = None
+        return cls(**kw)

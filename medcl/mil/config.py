@@ -39,7 +39,7 @@ class EncoderConfig:
 
 
 @dataclass
-class TrainConfig:
+class MILTrainConfig:
     epochs: int = 60
     batch_size: int = 16
     lr: float = 5.0e-4
@@ -69,7 +69,7 @@ class CVConfig:
 
 
 @dataclass
-class DataConfig:
+class BagDataConfig:
     h5_dir: str | None = None
     features_key: str = "features"
     coords_key: str = "coords"
@@ -86,9 +86,9 @@ class MILConfigBase:
     name: str | None = None
     head: str = "abmil"
     encoder: EncoderConfig = field(default_factory=EncoderConfig)
-    train: TrainConfig = field(default_factory=TrainConfig)
+    train: MILTrainConfig = field(default_factory=MILTrainConfig)
     cv: CVConfig = field(default_factory=CVConfig)
-    data: DataConfig = field(default_factory=DataConfig)
+    data: BagDataConfig = field(default_factory=BagDataConfig)
 
     @property
     def label(self) -> str:

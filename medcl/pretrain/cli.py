@@ -27,7 +27,8 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     p.add_argument("--data", required=True, help="dataset: folder, CSV, dataset.json, file or DICOM folder")
     p.add_argument("--out", required=True, help="run folder (checkpoints, logs, plots, backbone.pt)")
     p.add_argument("--max-steps", type=int, help="override trainer.max_steps")
-    p.add_argument("--device", default="auto", help="auto (GPU when available), cpu or cuda")
+    p.add_argument("--device", default=None, help="auto (GPU when available), cpu, cuda or cuda:N (config key device)")
+    p.add_argument("--threads", type=int, default=None, help="torch CPU threads (config key threads)")
     p.add_argument("--seed", type=int, help="override the config seed")
     p.add_argument("--resume", action="store_true", help="continue from OUT/checkpoints/last.ckpt")
     p.add_argument(
@@ -44,6 +45,9 @@ def _cmd_pretrain(args: argparse.Namespace) -> int:
 
     if args.config is None and not args.resume:
         raise MedclConfigError("--config", "a config is required (see configs/pretrain/)")
+    over = list(getattr(args, "overrides", []) or [])
+    if args.threads is not None:
+        over.append(f"threads={args.threads}")
     cases = None
     if args.split:
         from medcl.data.splits import load_split
@@ -53,7 +57,7 @@ def _cmd_pretrain(args: argparse.Namespace) -> int:
         args.config,
         args.data,
         args.out,
-        overrides=list(getattr(args, "overrides", []) or []),
+        overrides=over,
         max_steps=args.max_steps,
         device=args.device,
         seed=args.seed,

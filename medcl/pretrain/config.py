@@ -11,7 +11,7 @@ several terms.
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from typing import Literal
+from typing import ClassVar, Literal
 
 from medcl.core.errors import MedclConfigError
 from medcl.data.plan import PreprocessingPlan
@@ -23,7 +23,7 @@ TermKind = Literal["contrastive", "local", "voco", "reconstruction"]
 
 
 @dataclass
-class AugmentConfig:
+class ViewAugmentConfig:
     """Spatial and intensity augmentation of views.
 
     Attributes:
@@ -91,7 +91,7 @@ class ViewConfig:
     feature_warmup: float = 0.2
     crops_per_volume: int = 2
     fg_prob: float = 0.9
-    augment: AugmentConfig = field(default_factory=AugmentConfig)
+    augment: ViewAugmentConfig = field(default_factory=ViewAugmentConfig)
     mask_ratio: float = 0.0
     mask_block: int = 8
 
@@ -180,12 +180,16 @@ class PhaseConfig:
 
 
 @dataclass
-class OptimConfig:
-    """AdamW with linear warm-up then cosine decay to ``min_lr_ratio * lr``."""
+class PretrainOptimConfig:
+    """AdamW with a linear learning-rate warm-up over ``lr_warmup_steps``, then cosine decay to ``min_lr_ratio * lr``
+    (:mod:`medcl.engine.schedules`)."""
+
+    RENAMED: ClassVar[dict[str, str]] = {
+        "warmup_steps": "renamed: the learning-rate warm-up is optim.lr_warmup_steps (the same key in every job)"}
 
     lr: float = 1e-3
     weight_decay: float = 1e-5
-    warmup_steps: int = 20
+    lr_warmup_steps: int = 20
     min_lr_ratio: float = 0.01
     betas: tuple[float, float] = (0.9, 0.999)
 
@@ -199,7 +203,7 @@ class EMAConfig:
 
 
 @dataclass
-class DataSection:
+class PretrainDataConfig:
     """What the stream of volumes looks like.
 
     Attributes:
@@ -240,12 +244,14 @@ class PretrainConfig:
 
     method: str = "custom"
     seed: int = 0
-    data: DataSection = field(default_factory=DataSection)
+    threads: int | None = None
+    device: str = "auto"
+    data: PretrainDataConfig = field(default_factory=PretrainDataConfig)
     backbone: BackboneConfig = field(default_factory=BackboneConfig)
     views: dict[str, ViewConfig] = field(default_factory=dict)
     terms: dict[str, TermConfig] = field(default_factory=dict)
     phases: list[PhaseConfig] = field(default_factory=list)
-    optim: OptimConfig = field(default_factory=OptimConfig)
+    optim: PretrainOptimConfig = field(default_factory=PretrainOptimConfig)
     ema: EMAConfig = field(default_factory=EMAConfig)
     trainer: TrainerConfig = field(default_factory=TrainerConfig)
     monitor: MonitorConfig = field(default_factory=MonitorConfig)

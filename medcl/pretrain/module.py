@@ -186,13 +186,15 @@ class PretrainModule(L.LightningModule):
         params = [p for n, p in self.named_parameters() if not n.startswith("teacher.")]
         opt = torch.optim.AdamW(params, lr=o.lr, weight_decay=o.weight_decay, betas=tuple(o.betas))
         sched = make_lr_scheduler(
-            opt, lr_schedule(self.cfg.trainer.max_steps, "cosine", warmup=o.warmup_steps, min_ratio=o.min_lr_ratio)
+            opt, lr_schedule(self.cfg.trainer.max_steps, "cosine", warmup=o.lr_warmup_steps, min_ratio=o.min_lr_ratio)
         )
         return {"optimizer": opt, "lr_scheduler": {"scheduler": sched, "interval": "step", "frequency": 1}}
 
     # ----------------------------------------------------------------------------------------- records
     def on_save_checkpoint(self, checkpoint: dict[str, Any]) -> None:
-        checkpoint["medcl_record"] = self.record
+        # the checkpoint's own record says how far it is (a checkpoint path alone can be judged)
+        step = int(self.global_step)
+        checkpoint["medcl_record"] = {**self.record, "step": step, "complete": step >= self.cfg.trainer.max_steps}
 
     def on_load_checkpoint(self, checkpoint: dict[str, Any]) -> None:
         self._frozen_now = None

@@ -15,7 +15,6 @@ Run folder layout (``--out DIR``)::
 
 from __future__ import annotations
 
-import json
 import logging
 import resource
 import time
@@ -25,11 +24,12 @@ from typing import Any
 
 import torch
 
-from medcl.config import load_config, save_config, to_dict
-from medcl.core.device import cuda_available
+from medcl.config import load_config, to_dict
+from medcl.core.device import cuda_available, torch_threads
 from medcl.core.errors import MedclConfigError, MedclDataError
-from medcl.core.files import atomic_write_json, write_csv
 from medcl.core.record import RunRecord
+from medcl.core.runfolder import RunFolder, read_record
+from medcl.engine.metrics_log import merge_metrics
 from medcl.engine.plots import plot_curves, read_metrics_csv
 from medcl.engine.trainer import last_checkpoint, make_trainer, resolve_accelerator, use_channels_last
 from medcl.pretrain.config import PretrainConfig
@@ -93,35 +93,6 @@ class _StepTimer:
         return out
 
 
-def merge_metrics(out: Path, active: Any = None) -> Path | None:
-    """Merge ``logs/metrics.csv`` and ``logs/resume-*/metrics.csv`` into ``out/metrics.csv``.
-
-    Later files win for a step they share (a killed run may have logged steps after its last checkpoint;
-    the resumed run logs them again). ``active(term, step)``, when given, drops ``train/{term}*`` values
-    at steps where the term was not active: the run is one long Lightning epoch, and Lightning re-emits the
-    last value of a key that was not logged in a step.
-    """
-    files = [out / "logs" / "metrics.csv"] + sorted((out / "logs").glob("resume-*/metrics.csv"), key=lambda p: int(p.parent.name.split("-")[1]))
-    rows: dict[int, dict[str, float]] = {}
-    for f in files:
-        if not f.is_file():
-            continue
-        series = read_metrics_csv(f)
-        steps_here = {int(s) for v in series.values() for s, _ in v}
-        for step in steps_here:
-            rows.pop(step, None)
-        for key, pts in series.items():
-            term = key[len("train/"):] if key.startswith("train/") else None
-            for s, v in pts:
-                if active is not None and term is not None and not active(term, int(s)):
-                    continue
-                rows.setdefault(int(s), {})[key] = v
-    if not rows:
-        return None
-    keys = sorted({k for r in rows.values() for k in r})
-    return write_csv(out / "metrics.csv", [{"step": step, **rows[step]} for step in sorted(rows)], ["step", *keys])
-
-
 def run_pretrain(
     config: str | Path | PretrainConfig | None,
     data: str | Path,
@@ -129,7 +100,7 @@ def run_pretrain(
     *,
     overrides: list[str] | None = None,
     max_steps: int | None = None,
-    device: str = "auto",
+    device: str | None = None,
     seed: int | None = None,
     resume: bool = False,
     cases: list[str] | None = None,
@@ -143,23 +114,32 @@ def run_pretrain(
         out: the run folder.
         overrides: ``key.sub=value`` config overrides.
         max_steps, seed: override ``trainer.max_steps`` / ``seed``.
-        device: ``auto``, ``cpu`` or ``cuda``.
+        device: ``auto``, ``cpu``, ``cuda`` or ``cuda:N``; ``None`` = the config's ``device``.
         resume: continue from ``out/checkpoints/last.ckpt`` with the saved config.
         cases: restrict to these case ids (e.g. the unlabelled pool of a label-budget split).
         progress: show progress bars.
     """
-    import lightning as L
-
     t0 = time.time()
     out = Path(out)
     cfg, ckpt = _resolve_run(config, out, resume, overrides, max_steps, seed)
+    if device is not None and device != cfg.device:
+        cfg = replace(cfg, device=device)  # the run record shows the device actually asked for
+    device = cfg.device
+    with torch_threads(cfg.threads):
+        return _run(cfg, ckpt, data, out, device, resume, cases, progress, t0)
+
+
+def _run(cfg: PretrainConfig, ckpt: Path | None, data: str | Path, out: Path, device: str, resume: bool,
+         cases: list[str] | None, progress: bool, t0: float) -> Path:
+    import lightning as L
+
     L.seed_everything(cfg.seed, workers=True, verbose=False)
     cases_used = _select_cases(cfg, data, cases, out if resume else None)
     cfg = cases_used.cfg
-    record = _start_run_folder(cfg, out, resume, cases_used, data)
-    run = _fit(cfg, record, cases_used, out, ckpt, device, progress, resume)
+    folder = _start_run_folder(cfg, out, resume, cases_used, data)
+    run = _fit(cfg, folder.record, cases_used, out, ckpt, device, progress, resume)
     if run.trainer.is_global_zero:
-        _finish(cfg, record, run, out, time.time() - t0)
+        _finish(cfg, folder, run, out, time.time() - t0)
     return out
 
 
@@ -202,9 +182,9 @@ def _select_cases(cfg: PretrainConfig, data: str | Path, cases: list[str] | None
     if cfg.backbone.in_channels != n_channels:
         cfg = replace(cfg, backbone=replace(cfg.backbone, in_channels=n_channels))
     train_ids, probe_ids = split_probe_cases(ids, cfg.data.probe_volumes, cfg.seed)
-    if resumed is not None and (resumed / "record.json").is_file():
-        previous = json.loads((resumed / "record.json").read_text())
-        train_ids, probe_ids = list(previous["cases_seen"]), list(previous.get("probe_cases", []))
+    previous = read_record(resumed) if resumed is not None else None
+    if previous is not None:
+        train_ids, probe_ids = list(previous["cases_seen"]), list(previous["extra"].get("probe_cases", []))
         missing = sorted(set(train_ids + probe_ids) - {c.id for c in manifest.cases})
         if missing:
             raise MedclDataError(data, f"the run being resumed used cases that are not in this dataset: {missing[:5]}")
@@ -212,17 +192,16 @@ def _select_cases(cfg: PretrainConfig, data: str | Path, cases: list[str] | None
 
 
 def _start_run_folder(cfg: PretrainConfig, out: Path, resume: bool, cases: _Cases, data: str | Path
-                      ) -> dict[str, Any]:
-    """``config.yaml`` (new runs) and ``record.json``; returns the run record that goes into every checkpoint."""
-    out.mkdir(parents=True, exist_ok=True)
-    if not resume:
-        save_config(cfg, out / "config.yaml")
+                      ) -> RunFolder:
+    """``config.yaml`` (new runs) and ``record.json`` (``complete: false``); the record goes into every
+    checkpoint."""
+    by_id = {c.id: c for c in cases.manifest.cases}
+    patients = sorted({by_id[i].patient for i in cases.train if by_id[i].patient})
     record = RunRecord(kind="pretrain", config=to_dict(cfg), plan=cfg.data.plan.to_dict(), cases_seen=cases.train,
-                       test_cases=[]).to_dict()
-    record["probe_cases"] = cases.probe
-    record["data"] = str(data)
-    atomic_write_json(record, out / "record.json")
-    return record
+                       patients_seen=patients, extra={"probe_cases": cases.probe, "data": str(data)})
+    folder = RunFolder(out, record)
+    folder.begin(None if resume else cfg)
+    return folder
 
 
 @dataclass
@@ -279,11 +258,13 @@ def _fit(cfg: PretrainConfig, record: dict[str, Any], cases: _Cases, out: Path, 
     return _Fitted(trainer, module, probe, timer)
 
 
-def _finish(cfg: PretrainConfig, record: dict[str, Any], run: _Fitted, out: Path, seconds: float) -> None:
-    """``backbone.pt``, the merged ``metrics.csv`` and ``loss.png``, ``summary.json`` (rank 0)."""
+def _finish(cfg: PretrainConfig, folder: RunFolder, run: _Fitted, out: Path, seconds: float) -> None:
+    """``backbone.pt``, the merged ``metrics.csv`` and ``loss.png``, ``summary.json``, the record marked
+    complete (rank 0)."""
     from medcl.models import save_backbone
 
-    save_backbone(run.module.backbone, out / "backbone.pt", record)
+    step = int(run.trainer.global_step)
+    save_backbone(run.module.backbone, out / "backbone.pt", {**folder.record, "complete": True, "step": step})
 
     def active(key: str, step: int) -> bool:
         """Whether ``train/{key}`` belongs to a term that was active at ``step`` (other keys: True)."""
@@ -306,7 +287,7 @@ def _finish(cfg: PretrainConfig, record: dict[str, Any], run: _Fitted, out: Path
     if run.probe.history:
         summary["probe_first"] = run.probe.history[0]
         summary["probe_last"] = run.probe.history[-1]
-    atomic_write_json(summary, out / "summary.json")
+    folder.finish(summary, step=step)
     log.info("pretraining finished: %s", summary)
 
 

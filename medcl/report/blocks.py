@@ -84,6 +84,8 @@ class Section:
         kind: run kind (``pretrain``, ``finetune``, ``label-efficiency``, ``mil``, ``wsi-tiles``,
             ``mil-encoder``, ``demo``, ``folder`` for an unrecognised folder with plots or tables).
         path: the folder.
+        legacy: the kind was guessed from the files (a folder without ``record.json``, written before the
+            run-folder contract); shown as "KIND (legacy)".
         blocks: what the page shows, in order.
         problems: things the reader should know (NaN losses, a leakage override, an unfinished run...).
         children: sections of the run folders inside this one.
@@ -94,9 +96,15 @@ class Section:
     title: str
     kind: str
     path: Path
+    legacy: bool = False
     blocks: list[Block] = field(default_factory=list)
     problems: list[str] = field(default_factory=list)
     children: list[Section] = field(default_factory=list)
+
+    @property
+    def label(self) -> str:
+        """The kind as shown: ``pretrain``, or ``pretrain (legacy)`` when it was guessed from the files."""
+        return f"{self.kind} (legacy)" if self.legacy else self.kind
     shown: set[str] = field(default_factory=set)
 
     def walk(self) -> list[Section]:

@@ -98,10 +98,17 @@ def add_run_facts(sec: Section, record: dict[str, Any] | None, extra: Sequence[t
     Only the record's known fields are shown (case lists as counts): a record holds no patient fields, and
     nothing else of a record is dumped.
     """
-    rows: list[tuple[str, str]] = [("kind", sec.kind), ("folder", str(sec.path))]
+    rows: list[tuple[str, str]] = [("kind", sec.label), ("folder", str(sec.path))]
     if record:
+        record = {**(record.get("extra") or {}), **record}  # version-2 records keep job-specific keys in extra
         rows += [("created", str(record.get("created", ""))), ("medcl version", str(record.get("medcl_version", ""))),
                  ("record version", str(record.get("version", "")))]
+        if "complete" in record:
+            done = record.get("complete")
+            rows.append(("complete", "yes" if done else "unknown (record version 1)" if done is None
+                         else f"NO: stopped at step {record.get('step')}"))
+            if done is False:
+                sec.problems.append(f"the run is incomplete (record.json: complete false, step {record.get('step')})")
         if record.get("data"):
             rows.append(("data", str(record["data"])))
         for key, label in _COUNTED:

@@ -1,4 +1,6 @@
-"""Which kind of run a folder holds, told by the files each medcl job writes (its marker files).
+"""Which kind of run a folder holds: the ``kind`` of its ``record.json`` (every job writes one, see
+:mod:`medcl.core.runfolder`); for a folder written before that contract ("legacy"), guessed from the files each
+job wrote (its marker files):
 
 =====================  ==================================================================================
 kind                   markers

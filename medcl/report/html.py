@@ -238,12 +238,12 @@ def render_page(root: Section, version: str, generated: str | None = None) -> st
         blocks = " &middot; ".join(f'<a href="#{a}">{esc(b.title)}</a>' for a, b in zip(bids, s.blocks))
         kids = "".join(toc(c) for c in s.children)
         flag = f" &mdash; {len(s.problems)} problem(s)" if s.problems else ""
-        return (f'<li><a href="#{sid}"><strong>{esc(s.title)}</strong></a> <span class="kind">{esc(s.kind)}</span>'
+        return (f'<li><a href="#{sid}"><strong>{esc(s.title)}</strong></a> <span class="kind">{esc(s.label)}</span>'
                 f'{flag}<div class="blocks">{blocks}</div>' + (f"<ol>{kids}</ol>" if kids else "") + "</li>")
 
     def section(s: Section) -> str:
         sid, bids = anchors[id(s)]
-        parts = [f'<section class="run" id="{sid}"><h2>{esc(s.title)}<span class="kind">{esc(s.kind)}</span></h2>']
+        parts = [f'<section class="run" id="{sid}"><h2>{esc(s.title)}<span class="kind">{esc(s.label)}</span></h2>']
         if s.problems:
             parts.append('<div class="section-problems"><strong>Problems noticed</strong><ul>'
                          + "".join(f"<li>{esc(p)}</li>" for p in s.problems) + "</ul></div>")
@@ -278,7 +278,7 @@ def render_page(root: Section, version: str, generated: str | None = None) -> st
         '<meta name="generator" content="medcl report">',
         f"<title>medcl report: {esc(root.title)}</title>",
         f"<style>{CSS}</style></head><body>",
-        f'<header><h1>medcl report: {esc(root.title)}<span class="kind">{esc(root.kind)}</span></h1>'
+        f'<header><h1>medcl report: {esc(root.title)}<span class="kind">{esc(root.label)}</span></h1>'
         f'<p class="meta">{esc(str(root.path))} &middot; {n_runs} run folder(s), {n_img} image(s) &middot; '
         f"generated {esc(generated)} by medcl {esc(version)}</p></header>",
         f'<nav><strong>Contents</strong><ol><li><a href="#problems">Problems noticed</a></li>{toc(root)}</ol></nav>',

@@ -14,6 +14,7 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
+from medcl.core.runfolder import test_metrics_path
 from medcl.report.blocks import Facts, Group, Section, Table
 from medcl.report.common import (
     Options,
@@ -29,7 +30,7 @@ from medcl.report.common import (
     guard,
     load_record,
 )
-from medcl.report.detect import find_runs
+from medcl.report.detect import find_runs, record_kind
 from medcl.report.readers import ReadError, better, read_csv, read_json, read_png, read_series
 from medcl.report.sections_mil import mil_encoder_section, mil_section, wsi_tiles_section
 
@@ -156,11 +157,13 @@ def finetune_section(sec: Section, opts: Options) -> None:
              + (" ..." if len(cases[part]) > 20 else "")) for part in ("train", "validation", "test")
             if isinstance(cases.get(part), list)] + [("source", str(cases.get("source", "")))]))
     add_markdown(sec, "summary.md", "Test summary (summary.md)")
-    add_csv(sec, "metrics.csv", opts, "Test metrics per case and class (metrics.csv)")
+    tm = test_metrics_path(sec.path).name  # test_metrics.csv (metrics.csv in legacy folders)
+    add_csv(sec, tm, opts, f"Test metrics per case and class ({tm})")
     add_csv(sec, "validation.csv", opts, "Validation metrics per case and class (validation.csv)")
     _load_report(sec)
     add_config(sec, fallback=(rec or {}).get("config"))
-    add_step_metrics(sec, "logs/metrics.csv", "loss.png", title="Training losses")
+    curves = "metrics.csv" if tm != "metrics.csv" and (sec.path / "metrics.csv").is_file() else "logs/metrics.csv"
+    add_step_metrics(sec, curves, "loss.png", title="Training losses")
     preds = sorted((sec.path / "predictions").glob("*.nii*")) if (sec.path / "predictions").is_dir() else []
     if preds:
         sec.blocks.append(Facts("Predictions", [("predictions/", f"{len(preds)} NIfTI segmentations "
@@ -329,7 +332,7 @@ fine-tunes); then by path."""
 def build_section(path: Path, root: Path, kind: str, opts: Options) -> Section:
     """The section of the run folder ``path`` (of ``kind``) and, as children, of the run folders inside it."""
     title = path.name if path == root else str(path.relative_to(root))
-    sec = Section(title or str(path), kind, path)
+    sec = Section(title or str(path), kind, path, legacy=kind != "folder" and record_kind(path) is None)
     builder, skip = BUILDERS.get(kind, (generic_section, frozenset()))
     builder(sec, opts)
     add_remaining_pngs(sec)
@@ -338,5 +341,5 @@ def build_section(path: Path, root: Path, kind: str, opts: Options) -> Section:
     sec.children = [build_section(sub, root, k, opts) for sub, k in found]
     if sec.children:
         sec.blocks.append(Table("Runs in this folder", ["run", "kind", "problems noticed"],
-                                [[c.title, c.kind, str(len(c.problems))] for c in sec.children]))
+                                [[c.title, c.label, str(len(c.problems))] for c in sec.children]))
     return sec

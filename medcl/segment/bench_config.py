@@ -143,7 +143,8 @@ class LabelEfficiencyConfig:
         inits: the pretrained initialisations.
         seeds: fine-tuning seeds.
         split, lr: see :class:`BenchSplitConfig`, :class:`LRConfig`.
-        allow_test_overlap: pass-through of the leakage guard's override (off: refuse).
+        allow_test_overlap, allow_unknown_provenance, allow_incomplete: the overrides of the acceptance rule for
+            init checkpoints (:func:`medcl.segment.init.accept_checkpoint`; off: refuse).
         jobs: fine-tunes run in parallel processes (each with ``finetune.threads`` threads; on a CPU machine
             ``jobs`` = cores and ``threads: 1`` is the fastest layout).
     """
@@ -160,6 +161,8 @@ class LabelEfficiencyConfig:
     split: BenchSplitConfig = field(default_factory=BenchSplitConfig)
     lr: LRConfig = field(default_factory=LRConfig)
     allow_test_overlap: bool = False
+    allow_unknown_provenance: bool = False
+    allow_incomplete: bool = False
     jobs: int = 1
 
     def validate(self) -> None:

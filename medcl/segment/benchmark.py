@@ -34,12 +34,15 @@ import os
 import time
 import warnings
 from collections.abc import Callable
-from dataclasses import dataclass, replace
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
+from medcl.config import to_dict
 from medcl.core.errors import MedclConfigError
 from medcl.core.files import atomic_write_json, write_csv
+from medcl.core.record import RunRecord
+from medcl.core.runfolder import RunFolder, run_is_complete, test_metrics_path
 from medcl.data import load_manifest
 from medcl.data.splits import FULL, LabelBudgetSplit, load_split, make_label_budget_split
 from medcl.segment.bench_config import RANDOM, InitSpec, LabelEfficiencyConfig, load_benchmark_config
@@ -79,10 +82,10 @@ def pretrain_init(spec: InitSpec, data: str, out: Path, pool: list[str], seed: i
     Calls ``pretrain_fn(config, data, out, overrides=..., seed=..., cases=pool, resume=..., device=...,
     progress=False)`` (the signature of :func:`medcl.pretrain.run_pretrain`), ``config`` being ``spec.config``
     or the YAML of ``spec.method`` (:func:`method_config`); it returns the run folder. Skipped when ``out``
-    already holds ``backbone.pt``; resumed when it holds a checkpoint. The leakage guard of every fine-tune
-    still checks the result's ``cases_seen`` against the test set.
+    already holds a complete run (``backbone.pt``); resumed when it holds a checkpoint. The acceptance rule of
+    every fine-tune still checks the result against the test set.
     """
-    if (out / "backbone.pt").is_file():
+    if run_is_complete(out) and (out / "backbone.pt").is_file():
         return str(out / "backbone.pt")
     config = spec.config or str(method_config(spec.method or ""))
     resume = (out / "checkpoints" / "last.ckpt").is_file()
@@ -97,9 +100,10 @@ def _read_rows(path: Path) -> list[dict[str, Any]]:
 
 
 def _case_rows(run_dir: Path) -> dict[str, dict[str, Any]]:
-    """``metrics.csv`` of a run -> per case: ``dice`` (mean over classes), ``hd95``, ``nsd``, per-class values."""
+    """The test metrics of a run (``test_metrics.csv``, ``metrics.csv`` in older folders) -> per case: ``dice`` (mean
+    over classes), ``hd95``, ``nsd``, per-class values."""
     out: dict[str, dict[str, Any]] = {}
-    for r in _read_rows(run_dir / "metrics.csv"):
+    for r in _read_rows(test_metrics_path(run_dir)):
         c = out.setdefault(r["case"], {"_dice": [], "_hd95": [], "_nsd": []})
         for m in ("dice", "hd95", "nsd"):
             v = float(r[m]) if r[m] not in ("", None) else math.nan
@@ -112,7 +116,7 @@ def _case_rows(run_dir: Path) -> dict[str, dict[str, Any]]:
     return out
 
 
-@dataclass(frozen=True)
+@dataclass
 class Init:
     """An initialisation of the benchmark: its table name, its checkpoint (``None``: a random arm), the stages to
     load, and the random arm it is compared with (``None`` for random arms)."""
@@ -121,6 +125,7 @@ class Init:
     checkpoint: str | None = None
     load: tuple[str, ...] | None = None
     reference: str | None = None
+    provenance: str = field(default="recorded", compare=False)
 
 
 @dataclass(frozen=True)
@@ -165,11 +170,17 @@ def run_label_efficiency(
     test set); one architecture for all; the learning-rate sweep inside the budget; the reported runs; the tables.
     """
     out = Path(out)
-    out.mkdir(parents=True, exist_ok=True)
     manifest = load_manifest(data)
+    # config.yaml is self-contained: the fine-tuning base is stored resolved (no path relative to the YAML)
+    folder = RunFolder(out, RunRecord(kind="label-efficiency", config=to_dict(replace(
+        cfg, finetune_config=None, finetune=finetune_base)), extra={"data": str(data)}))
+    folder.begin(replace(cfg, finetune_config=None, finetune=finetune_base))
     split = _get_split(cfg, manifest, out)
     split.check_manifest(manifest, str(out / "split.json"))
-    inits = _prepare_inits(cfg, split, data, out, pretrain_fn, device)
+    folder.record["test_cases"] = list(split.test)
+    by_id = {c.id: c for c in manifest.cases}
+    test_patients = sorted({by_id[t].patient for t in split.test if by_id[t].patient})
+    inits = _prepare_inits(cfg, split, data, out, pretrain_fn, device, test_patients)
     bases = _architectures(finetune_base, inits)
     budgets: list[Any] = list(budget_order(split.budgets)) + ([FULL] if cfg.full_label else [])
     sweep_arms, final_arms = _plan_arms(cfg, split, inits, budgets)
@@ -191,14 +202,16 @@ def run_label_efficiency(
     if ceiling_rows:
         write_csv(out / "ceiling.csv", ceiling_rows)
     _report(cfg, rows, ceiling_rows, out, inits, chosen, split, data)
+    folder.finish({"runs": len(final_arms) + len(sweep_arms) + len(ceiling_arms), "inits": [i.name for i in inits],
+                   "budgets": [str(b) for b in budgets], "results": "results.md"}, step=total)
     return rows
 
 
 def _prepare_inits(cfg: LabelEfficiencyConfig, split: LabelBudgetSplit, data: str, out: Path,
-                   pretrain_fn: PretrainFn | None, device: str) -> list[Init]:
+                   pretrain_fn: PretrainFn | None, device: str, test_patients: list[str]) -> list[Init]:
     """Random init, the given checkpoints and the methods pretrained here on the pool; every checkpoint is checked
     against the test set before any run (not at its first fine-tune)."""
-    from medcl.segment.init import check_leakage, read_checkpoint
+    from medcl.segment.init import accept_checkpoint, read_checkpoint
 
     inits = [Init(RANDOM)] if cfg.random_init else []
     for spec in cfg.inits:
@@ -217,11 +230,18 @@ def _prepare_inits(cfg: LabelEfficiencyConfig, split: LabelBudgetSplit, data: st
         inits.append(Init(spec.name, ckpt, load, spec.reference))
     for init in inits:
         if init.checkpoint is not None:
-            overlap = check_leakage(read_checkpoint(init.checkpoint), split.test, cfg.allow_test_overlap)
-            if overlap:
-                warnings.warn(f"init '{init.name}' saw {len(overlap)} test case(s) (allow_test_overlap): {overlap}",
-                              stacklevel=2)
+            acc = accept_checkpoint(read_checkpoint(init.checkpoint), test_cases=split.test, test_patients=test_patients,
+                                    **_allow(cfg))
+            init.provenance = acc.provenance
+            if acc.test_overlap or acc.patient_overlap:
+                warnings.warn(f"init '{init.name}' saw test cases / patients (allow_test_overlap): "
+                              f"{acc.test_overlap or acc.patient_overlap}", stacklevel=2)
     return inits
+
+
+def _allow(cfg: LabelEfficiencyConfig) -> dict[str, bool]:
+    return {"allow_test_overlap": cfg.allow_test_overlap, "allow_unknown_provenance": cfg.allow_unknown_provenance,
+            "allow_incomplete": cfg.allow_incomplete}
 
 
 def _plan_arms(cfg: LabelEfficiencyConfig, split: LabelBudgetSplit, inits: list[Init], budgets: list[Any]
@@ -268,7 +288,7 @@ class _ArmRunner:
             over["converge"] = {"enabled": True, "min_steps": c.min_steps, "tolerance": c.tolerance, "tail": c.tail}
         base = self.bases[arm.init.name]
         return {"config": merge_config(base, over), "manifest": self.manifest, "out": str(arm.folder(self.out)),
-                "selection": sel, "allow": cfg.allow_test_overlap, "device": self.device,
+                "selection": sel, "allow": _allow(cfg), "device": self.device,
                 "part": "validation" if arm.sweep else "test"}
 
     def run_all(self, arms: list[Arm]) -> list[Path]:
@@ -276,7 +296,7 @@ class _ArmRunner:
         for arm in arms:
             self.count += 1
             tag = f"[{self.count}/{self.total}] {arm.tag()}"
-            if (arm.folder(self.out) / DONE_FILE).is_file():
+            if run_is_complete(arm.folder(self.out)):
                 log.info("%s: done before, skipped", tag)
             else:
                 pending.append((tag, self.job(arm)))
@@ -393,7 +413,7 @@ def _finetune_job(kw: dict[str, Any]) -> str:
     t0 = time.time()
     cfg = finetune_config_from_dict(kw["config"])
     res = run_finetune(cfg, kw["manifest"], kw["out"], selection=kw["selection"], resume=True,
-                       allow_test_overlap=kw["allow"], device=kw["device"], progress=False)
+                       device=kw["device"], progress=False, **kw["allow"])
     part = res.summary.get(kw["part"], {})
     return f"{kw['part']} Dice {part.get('dice_mean', float('nan')):.3f} ({time.time() - t0:.0f} s)"
 
@@ -462,6 +482,9 @@ def _report(cfg: LabelEfficiencyConfig, rows: list[dict[str, Any]], ceiling_rows
             f"every LR of {cfg.lr.values} was run; the tables report the LR fixed in advance ({cfg.lr.default:g}); "
             "results_lr*.md show each LR"),
         "- paired differences: " + UNIT_SENTENCE,
+        "- init provenance: " + "; ".join(f"{i.name}: {'random init' if i.checkpoint is None else i.provenance}"
+                                          + (" (no run record: provenance unknown)" if i.provenance == "unknown" else "")
+                                          for i in inits),
         "- Dice: per test case the mean over the foreground classes, in the original geometry",
     ]
     kw = {"references": refs, "ceiling_rows": ceiling_rows, "n_labelled_pool": len(split.labelled_pool),

@@ -26,14 +26,14 @@ split's test set is tested after training; with --labelled N alone, N labelled c
 split.validation=V holds V of the N labelled volumes out for validation (inside the budget).
 
 outputs (--out): model.pt, checkpoints/ (last.ckpt, resumable with --resume), load_report.json (with --init),
-metrics.csv (per test case and class: Dice, HD95 mm, NSD), summary.json, summary.md, loss.png, config.yaml,
-cases.json.
+record.json (the run record: kind, complete, step), test_metrics.csv (per test case and class: Dice, HD95 mm,
+NSD), metrics.csv (training curves), summary.json, summary.md, loss.png, config.yaml, cases.json.
 
 examples:
   medcl finetune --config configs/finetune/default.yaml --data ../shared/data/hippocampus --out runs/ft \\
       --init runs/pretrain/backbone.pt --split runs/split.json --labelled 2 --combination 0
   medcl finetune --data runs/phantoms --out runs/ft_ph --labelled 2 --max-steps 100 optim.mode=warmup \\
-      optim.warmup_steps=50 mixup.alpha=0.4
+      optim.freeze_steps=50 mixup.alpha=0.4
 """
 
 
@@ -65,11 +65,16 @@ def _register_finetune(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--combination", type=int, default=None, metavar="K", help="combination of the budget (default 0)")
     p.add_argument("--max-steps", type=int, default=None, help="training steps (trainer.max_steps)")
     p.add_argument("--seed", type=int, default=None, help="seed (init, patches, augmentation)")
-    p.add_argument("--device", default="auto", help="auto, cpu or cuda")
+    p.add_argument("--device", default=None, help="auto, cpu, cuda or cuda:N (config key device; default auto)")
     p.add_argument("--threads", type=int, default=None, help="torch CPU threads (1 is fastest on a shared CPU)")
     p.add_argument("--resume", action="store_true", help="continue the run in --out from its last checkpoint")
     p.add_argument("--allow-test-overlap", action="store_true",
                    help="accept a pretraining checkpoint whose run saw test cases (the test score is then biased)")
+    p.add_argument("--allow-unknown-provenance", action="store_true",
+                   help="accept an --init checkpoint without a run record (e.g. a plain state dict); the run records "
+                   "provenance: unknown")
+    p.add_argument("--allow-incomplete", action="store_true",
+                   help="accept an --init checkpoint of a run that did not finish (killed or still running)")
     p.set_defaults(func=_run_finetune, accepts_overrides=True)
 
 
@@ -80,13 +85,13 @@ def _run_finetune(args: argparse.Namespace) -> int:
     over = list(getattr(args, "overrides", []) or [])
     for flag, key in (("init", "init.checkpoint"), ("labelled", "split.labelled"), ("split", "split.file"),
                       ("combination", "split.combination"), ("max_steps", "trainer.max_steps"), ("seed", "seed"),
-                      ("threads", "threads")):
+                      ("threads", "threads"), ("device", "device")):
         value = getattr(args, flag)
         if value is not None:
             over.append(f"{key}={value}")
     cfg = load_finetune_config(args.config, over)
     run_finetune(cfg, args.data, args.out, resume=args.resume, allow_test_overlap=args.allow_test_overlap,
-                 device=args.device)
+                 allow_unknown_provenance=args.allow_unknown_provenance, allow_incomplete=args.allow_incomplete)
     print(f"medcl finetune: model in {args.out}/model.pt")
     return 0
 

@@ -6,7 +6,9 @@ Layout (every section optional; unknown keys fail before training with the dotte
     threads: null              # torch CPU threads (null = default; 1 on a shared CPU)
     backbone: {...}            # medcl.models.BackboneConfig; ignored (except dropout) when --init gives one
     init:     {checkpoint, load: [encoder, bottleneck, decoder], require_encoder: true, adapt: mean}
-    optim:    {mode: full|frozen|warmup, lr, encoder_lr, warmup_steps, optimizer, schedule, weight_decay}
+    device: auto               # auto | cpu | cuda | cuda:N (--device)
+    optim:    {mode: full|frozen|warmup, lr, encoder_lr, freeze_steps, lr_warmup_steps, optimizer, schedule,
+               weight_decay}
     loss:     {dice_weight, ce_weight, include_background, batch_dice}
     mixup:    {alpha, prob}
     sampling: {patch_size, batch_size, class_ratios}
@@ -22,7 +24,7 @@ Layout (every section optional; unknown keys fail before training with the dotte
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from typing import Any, Literal
+from typing import Any, ClassVar, Literal
 
 from medcl.core.errors import MedclConfigError
 from medcl.engine.trainer import TrainerConfig
@@ -57,25 +59,32 @@ class InitConfig:
 
 
 @dataclass
-class OptimConfig:
+class FinetuneOptimConfig:
     """Optimiser, learning rates and which layers train.
 
     Attributes:
         mode: ``full`` (everything trains), ``frozen`` (encoder + bottleneck frozen, in eval mode), or
-            ``warmup`` (frozen for ``warmup_steps`` steps, then trained with ``encoder_lr``).
+            ``warmup`` (frozen for ``freeze_steps`` steps, then trained with ``encoder_lr``).
         lr: learning rate of the decoder and head (and of the encoder in ``full`` mode unless
             ``encoder_lr`` is set).
         encoder_lr: learning rate of encoder + bottleneck once they train; ``None`` = ``lr``.
-        warmup_steps: steps the encoder stays frozen in ``warmup`` mode.
+        freeze_steps: steps the encoder stays frozen in ``warmup`` mode (an error in the other modes).
+        lr_warmup_steps: linear learning-rate warm-up at the start (the same key in every job).
         optimizer: ``adamw`` or ``sgd`` (Nesterov, ``momentum``; nnU-Net's choice).
         schedule: ``poly`` (``(1 - t / T) ** 0.9``, nnU-Net), ``cosine`` or ``constant``; the encoder's
             schedule runs on the same global step.
     """
 
+    RENAMED: ClassVar[dict[str, str]] = {
+        "warmup_steps": "renamed: the frozen-encoder phase of mode 'warmup' is optim.freeze_steps (a learning-rate "
+                        "warm-up is optim.lr_warmup_steps)",
+    }
+
     mode: Literal["full", "frozen", "warmup"] = "full"
     lr: float = 1e-3
     encoder_lr: float | None = None
-    warmup_steps: int = 0
+    freeze_steps: int = 0
+    lr_warmup_steps: int = 0
     optimizer: Literal["adamw", "sgd"] = "adamw"
     momentum: float = 0.99
     weight_decay: float = 1e-5
@@ -85,10 +94,13 @@ class OptimConfig:
         if self.lr <= 0 or (self.encoder_lr is not None and self.encoder_lr < 0):
             raise MedclConfigError("optim.lr", f"learning rates must be positive, got lr={self.lr}, "
                                                f"encoder_lr={self.encoder_lr}")
-        if self.warmup_steps < 0:
-            raise MedclConfigError("optim.warmup_steps", f"must be >= 0, got {self.warmup_steps}")
-        if self.mode == "warmup" and self.warmup_steps == 0:
-            raise MedclConfigError("optim.warmup_steps", "mode 'warmup' needs warmup_steps > 0")
+        if self.freeze_steps < 0 or self.lr_warmup_steps < 0:
+            raise MedclConfigError("optim.freeze_steps", "freeze_steps and lr_warmup_steps must be >= 0")
+        if self.mode == "warmup" and self.freeze_steps == 0:
+            raise MedclConfigError("optim.freeze_steps", "mode 'warmup' needs freeze_steps > 0")
+        if self.mode != "warmup" and self.freeze_steps:
+            raise MedclConfigError("optim.freeze_steps", f"only mode 'warmup' freezes the encoder for some steps; "
+                                                         f"mode is '{self.mode}'")
 
 
 @dataclass
@@ -151,7 +163,7 @@ class SamplingConfig:
 
 
 @dataclass
-class AugmentConfig:
+class PatchAugmentConfig:
     """Training augmentation (MONAI transforms), applied to each patch.
 
     Attributes:
@@ -173,7 +185,7 @@ class AugmentConfig:
 
 
 @dataclass
-class DataConfig:
+class FinetuneDataConfig:
     """Dataset handling.
 
     Attributes:
@@ -296,14 +308,15 @@ class FinetuneConfig:
 
     seed: int = 0
     threads: int | None = None
+    device: str = "auto"
     backbone: BackboneConfig = field(default_factory=lambda: BackboneConfig(filters=(16, 32, 64, 128)))
     init: InitConfig = field(default_factory=InitConfig)
-    optim: OptimConfig = field(default_factory=OptimConfig)
+    optim: FinetuneOptimConfig = field(default_factory=FinetuneOptimConfig)
     loss: LossConfig = field(default_factory=LossConfig)
     mixup: MixupConfig = field(default_factory=MixupConfig)
     sampling: SamplingConfig = field(default_factory=SamplingConfig)
-    augment: AugmentConfig = field(default_factory=AugmentConfig)
-    data: DataConfig = field(default_factory=DataConfig)
+    augment: PatchAugmentConfig = field(default_factory=PatchAugmentConfig)
+    data: FinetuneDataConfig = field(default_factory=FinetuneDataConfig)
     split: SplitConfig = field(default_factory=SplitConfig)
     inference: InferenceConfig = field(default_factory=InferenceConfig)
     eval: EvalConfig = field(default_factory=EvalConfig)

@@ -35,12 +35,12 @@ from torch.utils.data import Dataset
 from medcl.core.errors import MedclDataError
 from medcl.engine.seeding import sample_seed
 from medcl.engine.stream import StreamIndex
-from medcl.segment.config import AugmentConfig
+from medcl.segment.config import PatchAugmentConfig
 
 __all__ = ["PatchStream", "build_augmentation", "pad_to_patch"]
 
 
-def build_augmentation(cfg: AugmentConfig) -> Compose | None:
+def build_augmentation(cfg: PatchAugmentConfig) -> Compose | None:
     """The MONAI dictionary pipeline (keys ``image`` ``[C, *S]`` float, ``label`` ``[1, *S]``) of ``cfg``."""
     keys = ["image", "label"]
     xs: list[Any] = []

@@ -2,19 +2,22 @@
 
 :func:`run_finetune` does, in ``out``:
 
-1. select the cases (:func:`medcl.segment.prepare.select_cases`) and the classes, refuse a pretraining
-   checkpoint that saw a test case (:func:`medcl.segment.init.check_leakage`), build the backbone (from the
-   checkpoint's architecture, stages ``init.load`` loaded, ``load_report.json``; or random);
+1. select the cases (:func:`medcl.segment.prepare.select_cases`) and the classes, accept or refuse the init
+   checkpoint (:func:`medcl.segment.init.accept_checkpoint`: provenance, test overlap, completeness), build the
+   backbone (from the checkpoint's architecture, stages ``init.load`` loaded, ``load_report.json``; or random);
 2. train for ``trainer.max_steps`` steps on class-balanced patches (:class:`medcl.segment.data.PatchStream`
    through the resumable :class:`medcl.engine.stream.StreamLoader`); checkpoints every ``ckpt_every`` steps
    and ``last.ckpt`` carry the run record; ``resume`` continues a killed run exactly;
 3. keep the **last** model (no model selection on labels: by default there is no validation set),
    ``model.pt``; plot the losses (``loss.png``);
 4. if validation cases were set aside (inside the budget), their metrics go to ``validation.csv``;
-5. if the selection has test cases: predict each in its original geometry and write ``metrics.csv`` (per case
-   and class: Dice, HD95 mm, NSD), ``summary.json`` and ``summary.md``.
+5. if the selection has test cases: predict each in its original geometry and write ``test_metrics.csv`` (per
+   case and class: Dice, HD95 mm, NSD), ``summary.json`` and ``summary.md``; ``record.json`` is marked complete.
 
-Also written: ``config.yaml`` (resolved), ``cases.json`` (the selection), ``logs/metrics.csv``, TensorBoard.
+Also written (the run-folder contract, :mod:`medcl.core.runfolder`): ``record.json`` (from the start, ``complete:
+false`` until the end), ``config.yaml`` (resolved; it validates as :class:`FinetuneConfig`), ``metrics.csv`` (the
+training curves), ``cases.json`` (the selection), ``logs/``, TensorBoard. Folders of older medcl versions hold the
+test metrics in ``metrics.csv``; :func:`medcl.core.runfolder.test_metrics_path` finds either.
 """
 
 from __future__ import annotations
@@ -31,12 +34,13 @@ from typing import Any
 
 import torch
 
-from medcl.config import save_config, to_dict
+from medcl.config import to_dict
 from medcl.core.device import torch_threads
 from medcl.core.errors import MedclConfigError, MedclDataError
 from medcl.core.files import atomic_write_json, atomic_write_text
 from medcl.core.geometry import Volume, spacing_from_affine
 from medcl.core.record import RunRecord
+from medcl.core.runfolder import TEST_METRICS, RunFolder
 from medcl.data import CaseDataset, Manifest, PreprocessingPlan, load_manifest
 from medcl.segment.config import FinetuneConfig
 from medcl.segment.metrics import case_metrics, summarise, write_metrics_csv
@@ -56,7 +60,7 @@ class FinetuneResult:
     Attributes:
         out: the run folder.
         selection: the cases used.
-        test_rows: per test case and class metrics (``metrics.csv``).
+        test_rows: per test case and class metrics (``test_metrics.csv``).
         validation_rows: per validation case and class metrics.
         summary: means (``summary.json``).
         model_path: ``out/model.pt``.
@@ -127,7 +131,7 @@ def _check_resume(out: Path, cfg: FinetuneConfig, resume: bool) -> Path | None:
         from medcl.config import read_yaml
 
         old, new = read_yaml(saved), to_dict(cfg)
-        free = {"trainer.num_workers", "trainer.log_every", "eval.save_predictions"}
+        free = {"trainer.num_workers", "trainer.log_every", "eval.save_predictions", "device", "threads"}
         diffs = [k for k in _flat_diff(old, new) if k not in free]
         if diffs:
             raise MedclConfigError(diffs[0], f"differs from the run being resumed ({saved}); differing keys: "
@@ -154,7 +158,9 @@ def run_finetune(
     selection: CaseSelection | None = None,
     resume: bool = False,
     allow_test_overlap: bool = False,
-    device: str = "auto",
+    allow_unknown_provenance: bool = False,
+    allow_incomplete: bool = False,
+    device: str | None = None,
     progress: bool = True,
     callbacks: list[Any] | None = None,
 ) -> FinetuneResult:
@@ -166,13 +172,20 @@ def run_finetune(
         out: the run folder.
         selection: explicit cases (the benchmark's); default from ``cfg.split``.
         resume: continue from ``out/checkpoints/last.ckpt``.
-        allow_test_overlap: accept a pretraining checkpoint that saw test cases.
-        device: ``auto``, ``cpu`` or ``cuda``.
+        allow_test_overlap, allow_unknown_provenance, allow_incomplete: accept an init checkpoint that saw test
+            cases, that has no run record, or whose run did not finish (:func:`medcl.segment.init.accept_checkpoint`).
+        device: ``auto``, ``cpu``, ``cuda`` or ``cuda:N``; ``None`` = the config's ``device``.
         callbacks: extra Lightning callbacks.
     """
+    if device is not None:
+        cfg = copy.deepcopy(cfg)
+        cfg.device = device
+    device = cfg.device
     with torch_threads(cfg.threads):
         t0 = time.time()
-        job = _prepare(cfg, data, Path(out), selection, resume, allow_test_overlap)
+        allow = {"allow_test_overlap": allow_test_overlap, "allow_unknown_provenance": allow_unknown_provenance,
+                 "allow_incomplete": allow_incomplete}
+        job = _prepare(cfg, data, Path(out), selection, resume, allow)
         module, trainer = _train(job, device, progress, callbacks)
         return _finish(job, module, trainer, device, t0)
 
@@ -188,18 +201,18 @@ class _Job:
     sel: CaseSelection
     plan: PreprocessingPlan
     net: Any
-    record: dict[str, Any]
+    folder: RunFolder
     init_info: dict[str, Any] | None
     last: Path | None
     converged_at: int | None = None
 
 
 def _prepare(cfg: FinetuneConfig, data: str | os.PathLike | Manifest, out: Path, selection: CaseSelection | None,
-             resume: bool, allow_test_overlap: bool) -> _Job:
+             resume: bool, allow: dict[str, bool]) -> _Job:
     """Cases, classes, the init checkpoint (leakage guard), the plan, the network; the run folder's first files."""
     from medcl.engine.seeding import seed_everything
     from medcl.models import build_backbone
-    from medcl.segment.init import build_from_checkpoint, check_leakage, read_checkpoint
+    from medcl.segment.init import accept_checkpoint, build_from_checkpoint, read_checkpoint
 
     cfg = copy.deepcopy(cfg)
     manifest = data if isinstance(data, Manifest) else load_manifest(data)
@@ -208,7 +221,11 @@ def _prepare(cfg: FinetuneConfig, data: str | os.PathLike | Manifest, out: Path,
     sel.check(manifest)
 
     ckpt = read_checkpoint(cfg.init.checkpoint) if cfg.init.checkpoint else None
-    overlap = check_leakage(ckpt, sel.test, allow_test_overlap) if ckpt is not None else []
+    by_id = {c.id: c for c in manifest.cases}
+    accepted = None
+    if ckpt is not None:
+        accepted = accept_checkpoint(ckpt, test_cases=sel.test, test_patients=[by_id[t].patient for t in sel.test],
+                                     **allow)
     plan = resolve_plan(manifest, cfg, ckpt.plan if ckpt is not None else None, labels)
     n_ch = len(manifest.channel_names)
     seed_everything(cfg.seed)
@@ -227,20 +244,24 @@ def _prepare(cfg: FinetuneConfig, data: str | os.PathLike | Manifest, out: Path,
                                                           f"total stride {list(stride)}")
 
     last = _check_resume(out, cfg, resume)
-    out.mkdir(parents=True, exist_ok=True)
-    save_config(cfg, out / "config.yaml")
+    init_info = accepted.info() if accepted is not None else None
+    seen = sel.train + sel.validation
+    record = RunRecord(kind="finetune", config=to_dict(cfg), plan=plan.to_dict(), cases_seen=seen,
+                       test_cases=list(sel.test), patients_seen=sorted({by_id[c].patient for c in seen
+                                                                        if by_id[c].patient}),
+                       extra={"init": init_info, "provenance": init_info["provenance"] if init_info else "random init"})
+    folder = RunFolder(out, record)
+    folder.begin(cfg, step=0)
     atomic_write_json(sel.to_dict(), out / "cases.json")
     if report is not None:
         report.to_json(out / "load_report.json")
         log.info("%s", report)
-    if overlap:
-        warnings.warn(f"the pretraining run saw {len(overlap)} test case(s) (--allow-test-overlap): {overlap}",
-                      stacklevel=3)
-    init_info = {"checkpoint": str(ckpt.path), "kind": ckpt.kind, "cases_seen": len(ckpt.cases_seen),
-                 "test_overlap": overlap} if ckpt is not None else None
-    record = RunRecord(kind="finetune", config={**to_dict(cfg), "init_source": init_info}, plan=plan.to_dict(),
-                       cases_seen=sel.train + sel.validation, test_cases=list(sel.test)).to_dict()
-    return _Job(cfg, out, manifest, labels, sel, plan, net, record, init_info, last)
+    if accepted is not None and (accepted.test_overlap or accepted.patient_overlap):
+        warnings.warn(f"the init checkpoint saw test cases / patients (--allow-test-overlap): "
+                      f"{accepted.test_overlap or accepted.patient_overlap}", stacklevel=3)
+    if accepted is not None and accepted.provenance == "unknown":
+        warnings.warn(f"{ckpt.path}: no run record: provenance unknown (--allow-unknown-provenance)", stacklevel=3)
+    return _Job(cfg, out, manifest, labels, sel, plan, net, folder, init_info, last)
 
 
 def _train(job: _Job, device: str, progress: bool, callbacks: list[Any] | None) -> tuple[Any, Any]:
@@ -252,7 +273,7 @@ def _train(job: _Job, device: str, progress: bool, callbacks: list[Any] | None) 
 
     cfg, sel, labels = job.cfg, job.sel, job.labels
     accelerator = resolve_accelerator(device)
-    module = SegmentationModule(job.net, cfg, labels.num_classes, labels.ignore_label, job.record,
+    module = SegmentationModule(job.net, cfg, labels.num_classes, labels.ignore_label, job.folder.record,
                                 channels_last=use_channels_last(cfg.trainer, accelerator))
     stop = None
     if cfg.converge.enabled:
@@ -286,6 +307,7 @@ def _train(job: _Job, device: str, progress: bool, callbacks: list[Any] | None) 
 
 def _finish(job: _Job, module: Any, trainer: Any, device: str, t0: float) -> FinetuneResult:
     """Keep the last model, plot the losses, evaluate validation and test cases, write the summary."""
+    from medcl.engine.metrics_log import merge_metrics
     from medcl.engine.plots import plot_curves
     from medcl.engine.trainer import resolve_accelerator
     from medcl.models import save_backbone
@@ -296,10 +318,11 @@ def _finish(job: _Job, module: Any, trainer: Any, device: str, t0: float) -> Fin
     model_path = out / "model.pt"
     if not trainer.is_global_zero:  # DDP: rank 0 saves and evaluates
         return FinetuneResult(out, sel, model_path=model_path)
-    save_backbone(net, model_path, record=job.record)
-    metrics_csv = out / "logs" / "metrics.csv"
-    if metrics_csv.is_file():
-        plot_curves(metrics_csv, out / "loss.png", title=f"fine-tuning {out.name}")
+    step = int(trainer.global_step)
+    save_backbone(net, model_path, record={**job.folder.record, "complete": True, "step": step})
+    curves = merge_metrics(out)
+    if curves is not None:
+        plot_curves(curves, out / "loss.png", title=f"fine-tuning {out.name}")
 
     dev = torch.device("cuda" if resolve_accelerator(device) == "gpu" else "cpu")
     net.to(dev)
@@ -321,16 +344,16 @@ def _finish(job: _Job, module: Any, trainer: Any, device: str, t0: float) -> Fin
     if sel.test:
         save_dir = out / "predictions" if cfg.eval.save_predictions else None
         result.test_rows = evaluate_cases(fn, job.manifest, job.plan, sel.test, labels, cfg, dev, save_dir)
-        write_metrics_csv(result.test_rows, out / "metrics.csv")
+        write_metrics_csv(result.test_rows, out / TEST_METRICS)
         summary["test"] = summarise(result.test_rows)
     summary["seconds"] = round(time.time() - t0, 1)
     result.summary = summary
     atomic_write_text(_summary_md(summary, labels), out / "summary.md")
-    atomic_write_json(summary, out / DONE_FILE)
+    job.folder.finish(summary, step=step)
     if "test" in summary:
         t = summary["test"]
         log.info("test: Dice %.3f +- %.3f, HD95 %.2f mm, NSD %.3f over %d case(s) -> %s", t["dice_mean"],
-                 t["dice_std"], t["hd95_mean"], t["nsd_mean"], t["n_cases"], out / "metrics.csv")
+                 t["dice_std"], t["hd95_mean"], t["nsd_mean"], t["n_cases"], out / TEST_METRICS)
     return result
 
 

@@ -1,4 +1,4 @@
-"""Initialising a segmentation network from a pretraining checkpoint, and the test-leakage guard.
+"""Initialising a segmentation network from a checkpoint, and the one function that accepts or refuses one.
 
 A pretraining run of medcl leaves ``RUN/checkpoints/last.ckpt`` (Lightning: backbone weights under
 ``backbone.``, heads elsewhere, ``medcl_record`` = the run record) and ``RUN/backbone.pt``
@@ -7,14 +7,22 @@ A pretraining run of medcl leaves ``RUN/checkpoints/last.ckpt`` (Lightning: back
 ``config.backbone`` section) with a segmentation head of ``num_classes`` and loads the chosen stages,
 returning the :class:`medcl.models.LoadReport`.
 
-The guard (DESIGN.md, idea 5): a pretraining run whose ``cases_seen`` includes a test case has seen the test
-images, so its test score is not a fair few-label result. :func:`check_leakage` refuses it, naming the cases.
+:func:`accept_checkpoint` is the one acceptance rule for every checkpoint a job starts from (``finetune
+--init``, ``predict --ckpt``, the benchmark's inits, exports). It refuses, each with one line naming the flag that
+overrides it:
+
+* a checkpoint **without a run record** (unknown provenance: nothing says which cases it saw) --
+  ``--allow-unknown-provenance``; the run that accepts it records ``provenance: unknown``;
+* a run whose ``cases_seen`` or ``patients_seen`` overlap the test set (DESIGN.md, idea 5: it has seen the test
+  images, so its test score is not a fair few-label result) -- ``--allow-test-overlap``;
+* an **incomplete** run or checkpoint (``complete: false`` in its record: killed, or still running), naming the
+  step it reached -- ``--allow-incomplete``.
 """
 
 from __future__ import annotations
 
 import os
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -23,7 +31,8 @@ from medcl.config import from_dict, to_dict
 from medcl.core.errors import MedclConfigError, MedclDataError
 from medcl.models import Backbone, BackboneConfig, LoadReport, build_backbone, load_backbone
 
-__all__ = ["InitCheckpoint", "resolve_checkpoint", "read_checkpoint", "check_leakage", "build_from_checkpoint"]
+__all__ = ["InitCheckpoint", "Acceptance", "resolve_checkpoint", "read_checkpoint", "accept_checkpoint",
+           "build_from_checkpoint"]
 
 _RUN_FILES = ("backbone.pt", "model.pt", "checkpoints/last.ckpt")
 
@@ -49,6 +58,22 @@ class InitCheckpoint:
     @property
     def kind(self) -> str:
         return str((self.record or {}).get("kind", "unknown"))
+
+    @property
+    def patients_seen(self) -> list[str]:
+        return [str(c) for c in (self.record or {}).get("patients_seen", []) or []]
+
+    @property
+    def complete(self) -> bool | None:
+        """``True`` / ``False`` from the record; ``None`` when unknown (no record, or a version-1 record)."""
+        if self.record is None or "complete" not in self.record or self.record["complete"] is None:
+            return None
+        return bool(self.record["complete"])
+
+    @property
+    def step(self) -> int | None:
+        step = (self.record or {}).get("step")
+        return int(step) if step is not None else None
 
 
 def resolve_checkpoint(path: str | os.PathLike) -> Path:
@@ -81,25 +106,61 @@ def read_checkpoint(path: str | os.PathLike) -> InitCheckpoint:
                           dict(backbone) if backbone is not None else None)
 
 
-def check_leakage(ckpt: InitCheckpoint, test_ids: list[str], allow: bool = False) -> list[str]:
-    """Refuse a checkpoint whose run saw test cases.
+@dataclass
+class Acceptance:
+    """An accepted checkpoint and what was found about it (``info()`` goes into the records of runs using it)."""
 
-    Returns:
-        The overlapping case ids (empty when none; non-empty only when ``allow``).
+    checkpoint: InitCheckpoint
+    provenance: str  # "recorded" | "unknown"
+    test_overlap: list[str]
+    patient_overlap: list[str]
+
+    def info(self) -> dict[str, Any]:
+        c = self.checkpoint
+        return {"checkpoint": str(c.path), "kind": c.kind, "provenance": self.provenance,
+                "cases_seen": len(c.cases_seen), "complete": c.complete, "step": c.step,
+                "test_overlap": self.test_overlap, "patient_overlap": self.patient_overlap}
+
+
+def _shown(ids: list[str]) -> str:
+    return ", ".join(ids[:20]) + (f" ... ({len(ids)} in all)" if len(ids) > 20 else "")
+
+
+def accept_checkpoint(
+    ckpt: InitCheckpoint,
+    *,
+    test_cases: Sequence[str] = (),
+    test_patients: Sequence[str] = (),
+    allow_test_overlap: bool = False,
+    allow_unknown_provenance: bool = False,
+    allow_incomplete: bool = False,
+) -> Acceptance:
+    """Accept ``ckpt`` for a run whose test set is ``test_cases`` (of ``test_patients``), or refuse it.
+
+    See the module docstring for the three refusals.
 
     Raises:
-        MedclDataError: naming the checkpoint and the overlapping ids, unless ``allow``.
+        MedclDataError: naming the checkpoint, the problem and the flag that overrides it.
     """
-    overlap = sorted(set(ckpt.cases_seen) & set(test_ids))
-    if overlap and not allow:
-        shown = ", ".join(overlap[:20]) + (f" ... ({len(overlap)} in all)" if len(overlap) > 20 else "")
+    if ckpt.record is None and not allow_unknown_provenance:
+        raise MedclDataError(ckpt.path, "has no run record, so nothing says which cases it was trained on (its "
+                                        "provenance is unknown); pass --allow-unknown-provenance to use it anyway "
+                                        "(the run then records provenance: unknown)")
+    if ckpt.complete is False and not allow_incomplete:
+        raise MedclDataError(ckpt.path, f"comes from an incomplete {ckpt.kind} run (stopped at step {ckpt.step}; "
+                                        "resume it with --resume, or pass --allow-incomplete to use it as it is)")
+    overlap = sorted(set(ckpt.cases_seen) & set(map(str, test_cases)))
+    p_overlap = sorted(set(ckpt.patients_seen) & {str(p) for p in test_patients if p})
+    if (overlap or p_overlap) and not allow_test_overlap:
+        what = (f"{len(overlap)} of the test cases ({_shown(overlap)})" if overlap else
+                f"{len(p_overlap)} of the test patients ({_shown(p_overlap)})")
         raise MedclDataError(
             ckpt.path,
-            f"this {ckpt.kind} checkpoint was trained on {len(overlap)} of the test cases ({shown}); its test "
-            "score would not be a fair few-label result. Pretrain without them, choose another test set, or pass "
-            "--allow-test-overlap if you know what you are doing",
+            f"this {ckpt.kind} checkpoint was trained on {what}; its test score would not be a fair few-label result. "
+            "Pretrain without them, choose another test set, or pass --allow-test-overlap if you know what you are "
+            "doing",
         )
-    return overlap
+    return Acceptance(ckpt, "recorded" if ckpt.record is not None else "unknown", overlap, p_overlap)
 
 
 def build_from_checkpoint(

@@ -4,7 +4,7 @@ Modes (``optim.mode``):
 
 * ``full`` -- every stage trains (encoder + bottleneck at ``encoder_lr``, default ``lr``);
 * ``frozen`` -- encoder + bottleneck are frozen and kept in eval mode (a linear-probe-like transfer test);
-* ``warmup`` -- frozen for ``warmup_steps`` steps so the new decoder/head adapt first, then released with
+* ``warmup`` -- frozen for ``freeze_steps`` steps so the new decoder/head adapt first, then released with
   their own learning rate ``encoder_lr`` (a common remedy for pretrained features being destroyed by the
   large early gradients of a random head).
 
@@ -67,7 +67,7 @@ class SegmentationModule(L.LightningModule):
 
     def encoder_frozen_at(self, step: int) -> bool:
         mode = self.cfg.optim.mode
-        return mode == "frozen" or (mode == "warmup" and step < self.cfg.optim.warmup_steps)
+        return mode == "frozen" or (mode == "warmup" and step < self.cfg.optim.freeze_steps)
 
     def _apply_freeze(self, frozen: bool) -> None:
         if frozen != self._encoder_frozen:
@@ -97,7 +97,7 @@ class SegmentationModule(L.LightningModule):
             opt = torch.optim.SGD(groups, lr=o.lr, momentum=o.momentum, nesterov=True, weight_decay=o.weight_decay)
         else:
             opt = torch.optim.AdamW(groups, lr=o.lr, weight_decay=o.weight_decay)
-        dec = lr_schedule(self.cfg.trainer.max_steps, o.schedule)
+        dec = lr_schedule(self.cfg.trainer.max_steps, o.schedule, warmup=o.lr_warmup_steps)
 
         def enc(step: int) -> float:
             return 0.0 if self.encoder_frozen_at(step) else dec(step)
@@ -125,5 +125,7 @@ class SegmentationModule(L.LightningModule):
         return loss
 
     def on_save_checkpoint(self, checkpoint: dict[str, Any]) -> None:
-        checkpoint["medcl_record"] = self.record
+        # the checkpoint's own record says how far it is (a checkpoint path alone can be judged)
+        step = int(self.global_step)
+        checkpoint["medcl_record"] = {**self.record, "step": step, "complete": step >= self.cfg.trainer.max_steps}
         checkpoint["backbone_config"] = to_dict(self.backbone.config)

@@ -16,6 +16,7 @@ Resumable: a slide whose feature file is complete and was made by the same encod
 
 from __future__ import annotations
 
+import dataclasses
 import logging
 import os
 import sys
@@ -29,10 +30,14 @@ import numpy as np
 import torch
 from torch.utils.data import DataLoader, Dataset
 
-from medcl.core.device import resolve_device
+from medcl.config import to_dict
+from medcl.core.device import resolve_device, torch_threads
 from medcl.core.errors import MedclDataError
 from medcl.core.files import atomic_path
+from medcl.core.record import RunRecord
+from medcl.core.runfolder import RunFolder
 from medcl.io.slide import Slide, open_slide
+from medcl.wsi.config import ExtractParams
 from medcl.wsi.tile_io import TileSet, find_h5, is_complete, load_tile_set
 
 log = logging.getLogger(__name__)
@@ -196,77 +201,86 @@ def _same_encoder(path: Path, name: str) -> bool:
 def extract_features(
     inputs: Sequence[str | os.PathLike],
     out_dir: str | os.PathLike,
-    encoder: str | torch.nn.Module = "builtin-cnn",
-    batch_size: int = 64,
-    workers: int = 2,
-    device: str = "auto",
-    input_size: int | None = None,
+    params: ExtractParams | None = None,
+    *,
+    encoder: torch.nn.Module | None = None,
     slide_dir: str | os.PathLike | None = None,
     force: bool = False,
-    encoder_kwargs: dict | None = None,
     progress: bool = True,
 ) -> list[ExtractResult]:
     """Extract features for every tile file in ``inputs`` (files or folders) into ``out_dir``.
 
     Args:
-        encoder: a spec for :func:`medcl.wsi.encoders.build_encoder` or a built :class:`PatchEncoder`.
-        workers: DataLoader worker processes reading tiles (0: read in the main process).
-        device: ``auto``, ``cpu``, ``cuda``, ...
+        params: the encoder spec and settings (:class:`medcl.wsi.config.ExtractParams`).
+        encoder: a built :class:`PatchEncoder` instead of ``params.encoder``.
         slide_dir: where to find the slides when they moved since tiling.
         force: recompute slides whose feature file is already complete.
 
-    A slide that cannot be read is reported and skipped; the batch goes on. Prints per-slide and overall
-    patches/s. Returns one :class:`ExtractResult` per tile file.
+    A slide that cannot be read is reported and skipped; the batch goes on. Logs per-slide and overall
+    patches/s. The folder follows the run-folder contract (``record.json`` of kind ``wsi-features``,
+    ``config.yaml``, ``summary.json``). Returns one :class:`ExtractResult` per tile file.
     """
     from medcl.wsi.encoders import build_encoder
 
-    dev = resolve_device(device)
-    enc = build_encoder(encoder, input_size=input_size, encoder_kwargs=encoder_kwargs) if isinstance(encoder, str) else encoder
-    enc = enc.to(dev).eval()
+    p = params or ExtractParams(encoder="builtin-cnn" if encoder is None else getattr(encoder, "name", "custom"))
+    if encoder is None:
+        p.validate()
+    dev = resolve_device(p.device)
     out = Path(out_dir)
-    out.mkdir(parents=True, exist_ok=True)
     files = find_h5(inputs)
     if not files:
         raise MedclDataError(", ".join(map(str, inputs)), "no tile files (.h5) found")
-    results: list[ExtractResult] = []
-    for h5 in files:
-        try:
-            ts = load_tile_set(h5, slide_dir=slide_dir)
-        except MedclDataError as exc:
-            results.append(ExtractResult(h5.stem, "failed", message=exc.problem))
-            log.warning("%s: failed: %s", h5.stem, exc)
-            continue
-        target = out / f"{ts.slide_id}.h5"
-        if target.resolve() == h5.resolve():
-            raise MedclDataError(target, "the output folder is the tile folder: features would overwrite the tiles")
-        if not force and is_complete(target) and _same_encoder(target, enc.name):
-            results.append(ExtractResult(ts.slide_id, "skipped", len(ts.coords), enc.dim, path=str(target),
-                                         message="already extracted (use --force to redo)"))
-            log.info("%s: already extracted, skipped", ts.slide_id)
-            continue
-        if not Path(ts.slide_path).is_file():
-            msg = f"slide not found at {ts.slide_path} (recorded in {h5.name}); pass --slide-dir if it moved"
-            results.append(ExtractResult(ts.slide_id, "failed", len(ts.coords), message=msg))
-            log.warning("%s: failed: %s", ts.slide_id, msg)
-            continue
-        try:
-            r = extract_slide(ts, enc, target, batch_size, workers, dev, progress)
-        except MedclDataError as exc:
-            r = ExtractResult(ts.slide_id, "failed", len(ts.coords), message=exc.problem)
-        except RuntimeError as exc:  # a worker's MedclDataError arrives re-raised as RuntimeError
-            r = ExtractResult(ts.slide_id, "failed", len(ts.coords), message=str(exc).strip().splitlines()[-1])
-        results.append(r)
-        if r.status == "done":
-            log.info("%s: %d tiles -> [%d, %d] features, %.1f patches/s", r.slide_id, r.n_tiles, r.n_tiles, r.dim,
-                     r.patches_per_s)
-        else:
-            log.warning("%s: failed: %s", r.slide_id, r.message)
+    if out.exists() and any(f.parent.resolve() == out.resolve() for f in files):
+        raise MedclDataError(out, "the output folder holds the tile files: features and the run record would "
+                                  "overwrite them; choose another --out")
+    with torch_threads(p.threads):
+        enc = encoder if encoder is not None else build_encoder(p.encoder, input_size=p.input_size,
+                                                                encoder_kwargs=p.encoder_kwargs or None)
+        enc = enc.to(dev).eval()
+        folder = RunFolder(out, RunRecord(kind="wsi-features", config=to_dict(p),
+                                          cases_seen=sorted(f.stem for f in files)))
+        folder.begin(p)
+        results = [_extract_one(h5, out, enc, p, dev, slide_dir, force, progress) for h5 in files]
     done = [r for r in results if r.status == "done"]
     n = sum(r.n_tiles for r in done)
     secs = sum(r.seconds for r in done)
-    log.info(
-        f"extracted {n} tiles from {len(done)} slides ({sum(r.status == 'skipped' for r in results)} skipped, "
-        f"{sum(r.status == 'failed' for r in results)} failed) with {enc.name} on {dev}: "
-        f"{n / secs if secs > 0 else 0.0:.1f} patches/s"
-    )
+    counts = {s: sum(r.status == s for r in results) for s in ("done", "skipped", "failed")}
+    log.info(f"extracted {n} tiles from {len(done)} slides ({counts['skipped']} skipped, {counts['failed']} failed) "
+             f"with {enc.name} on {dev}: {n / secs if secs > 0 else 0.0:.1f} patches/s")
+    folder.finish({"encoder": enc.name, "feature_dim": int(enc.dim), "device": str(dev), "counts": counts,
+                   "tiles": n, "patches_per_s": n / secs if secs > 0 else 0.0,
+                   "slides": [dataclasses.asdict(r) for r in results]}, step=len(results))
     return results
+
+
+def _extract_one(h5: Path, out: Path, enc: torch.nn.Module, p: ExtractParams, dev: torch.device,
+                 slide_dir: str | os.PathLike | None, force: bool, progress: bool) -> ExtractResult:
+    """One tile file: skipped when done with this encoder, failed with a message, or extracted."""
+    try:
+        ts = load_tile_set(h5, slide_dir=slide_dir)
+    except MedclDataError as exc:
+        log.warning("%s: failed: %s", h5.stem, exc)
+        return ExtractResult(h5.stem, "failed", message=exc.problem)
+    target = out / f"{ts.slide_id}.h5"
+    if target.resolve() == h5.resolve():
+        raise MedclDataError(target, "the output folder is the tile folder: features would overwrite the tiles")
+    if not force and is_complete(target) and _same_encoder(target, enc.name):
+        log.info("%s: already extracted, skipped", ts.slide_id)
+        return ExtractResult(ts.slide_id, "skipped", len(ts.coords), enc.dim, path=str(target),
+                             message="already extracted (use --force to redo)")
+    if not Path(ts.slide_path).is_file():
+        msg = f"slide not found at {ts.slide_path} (recorded in {h5.name}); pass --slide-dir if it moved"
+        log.warning("%s: failed: %s", ts.slide_id, msg)
+        return ExtractResult(ts.slide_id, "failed", len(ts.coords), message=msg)
+    try:
+        r = extract_slide(ts, enc, target, p.batch_size, p.workers, dev, progress)
+    except MedclDataError as exc:
+        r = ExtractResult(ts.slide_id, "failed", len(ts.coords), message=exc.problem)
+    except RuntimeError as exc:  # a worker's MedclDataError arrives re-raised as RuntimeError
+        r = ExtractResult(ts.slide_id, "failed", len(ts.coords), message=str(exc).strip().splitlines()[-1])
+    if r.status == "done":
+        log.info("%s: %d tiles -> [%d, %d] features, %.1f patches/s", r.slide_id, r.n_tiles, r.n_tiles, r.dim,
+                 r.patches_per_s)
+    else:
+        log.warning("%s: failed: %s", r.slide_id, r.message)
+    return r

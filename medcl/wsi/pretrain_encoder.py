@@ -28,7 +28,7 @@ import os
 import sys
 import time
 from collections.abc import Sequence
-from dataclasses import asdict, dataclass
+from dataclasses import asdict
 from pathlib import Path
 
 import torch
@@ -36,7 +36,8 @@ import torch.nn.functional as F
 from skimage import color as _skc
 from torch import nn
 
-from medcl.core.errors import MedclConfigError, MedclDataError
+from medcl.core.errors import MedclDataError
+from medcl.wsi.config import PretrainParams
 
 log = logging.getLogger(__name__)
 
@@ -129,37 +130,6 @@ def random_views(
     return F.grid_sample(x, grid, mode="bilinear", padding_mode="reflection", align_corners=False)
 
 
-@dataclass
-class PretrainParams:
-    """Settings of ``medcl mil pretrain-encoder`` (see the CLI help)."""
-
-    steps: int = 200
-    batch_size: int = 32
-    crop: int = 96
-    lr: float = 1e-3
-    weight_decay: float = 1e-4
-    temperature: float = 0.1
-    width: int = 32
-    proj_dim: int = 128
-    stain_sigma: float = 0.1
-    scale_min: float = 0.25
-    seed: int = 0
-    device: str = "auto"
-    workers: int = 2
-    log_every: int = 10
-
-    def validate(self) -> None:
-        for key in ("steps", "batch_size", "crop", "width", "proj_dim", "log_every"):
-            if int(getattr(self, key)) < 1:
-                raise MedclConfigError(key, f"must be >= 1, got {getattr(self, key)}")
-        if self.batch_size < 2:
-            raise MedclConfigError("batch_size", "contrastive pretraining needs at least 2 tiles per step")
-        if not 0 < self.scale_min <= 1:
-            raise MedclConfigError("scale_min", f"must be in (0, 1], got {self.scale_min}")
-        if self.temperature <= 0 or self.lr <= 0:
-            raise MedclConfigError("temperature/lr", "must be positive")
-
-
 def pretrain_encoder(
     inputs: Sequence[str | os.PathLike],
     out_dir: str | os.PathLike,
@@ -173,18 +143,27 @@ def pretrain_encoder(
     Steps: read the tile sets; build the encoder, its projector and the optimiser; train (two stain-jittered views
     per tile, InfoNCE); write ``metrics.csv``, ``curves.png`` and ``encoder.pt``.
     """
-    from medcl.core.device import resolve_device
+    from medcl.core.device import resolve_device, torch_threads
+    from medcl.core.record import RunRecord
+    from medcl.core.runfolder import RunFolder
 
+    t0 = time.perf_counter()
     p = params or PretrainParams()
     p.validate()
     dev = resolve_device(p.device)
     sets = _tile_sets(inputs, slide_dir)
+    folder = RunFolder(out_dir, RunRecord(kind="mil-encoder", config=asdict(p),
+                                          cases_seen=sorted({s.slide_id for s in sets})))
+    folder.begin(p)
     out = Path(out_dir)
-    out.mkdir(parents=True, exist_ok=True)
-    torch.manual_seed(p.seed)
-    encoder, projector, rows, n_tiles = _train(p, sets, dev, progress)
-    path = _write_outputs(p, sets, encoder, projector, rows, out)
+    with torch_threads(p.threads):
+        torch.manual_seed(p.seed)
+        encoder, projector, rows, n_tiles = _train(p, sets, dev, progress)
+        path = _write_outputs(p, folder.record, sets, encoder, projector, rows, out)
     last = rows[-1]
+    folder.finish({"steps": p.steps, "tiles": n_tiles, "slides": len(sets), "loss_first": rows[0]["loss"],
+                   "loss_last": last["loss"], "pos_cosine": last["pos_cosine"], "neg_cosine": last["neg_cosine"],
+                   "seconds": round(time.perf_counter() - t0, 1), "encoder": str(path)}, step=p.steps)
     log.info(
         f"pretrained the patch encoder for {p.steps} steps on {n_tiles} tiles of {len(sets)} slides: "
         f"loss {rows[0]['loss']:.3f} -> {last['loss']:.3f}, positive cosine {last['pos_cosine']:.2f}, "
@@ -224,7 +203,7 @@ def _train(p: PretrainParams, sets: list, dev: torch.device, progress: bool
     ).to(dev)
     params_all = list(encoder.parameters()) + list(projector.parameters())
     opt = torch.optim.AdamW(params_all, lr=p.lr, weight_decay=p.weight_decay)
-    sched = make_lr_scheduler(opt, lr_schedule(p.steps, "cosine"))
+    sched = make_lr_scheduler(opt, lr_schedule(p.steps, "cosine", warmup=p.lr_warmup_steps))
     g_data = torch.Generator().manual_seed(p.seed)
     g_aug = torch.Generator(device=dev).manual_seed(p.seed + 1)
     sampler = RandomSampler(ds, replacement=True, num_samples=p.steps * p.batch_size, generator=g_data)
@@ -270,11 +249,10 @@ def _train(p: PretrainParams, sets: list, dev: torch.device, progress: bool
     return encoder, projector, rows, n_tiles
 
 
-def _write_outputs(p: PretrainParams, sets: list, encoder: nn.Module, projector: nn.Module, rows: list[dict],
-                   out: Path) -> Path:
+def _write_outputs(p: PretrainParams, record: dict, sets: list, encoder: nn.Module, projector: nn.Module,
+                   rows: list[dict], out: Path) -> Path:
     """``metrics.csv``, ``curves.png`` and ``encoder.pt`` (with the run record); returns the checkpoint path."""
     from medcl.core.files import write_csv
-    from medcl.core.record import RunRecord
     from medcl.engine.checkpoint import atomic_torch_save
     from medcl.engine.plots import plot_curves
     from medcl.wsi.encoders import encoder_checkpoint
@@ -284,11 +262,10 @@ def _write_outputs(p: PretrainParams, sets: list, encoder: nn.Module, projector:
                 title="patch encoder pretraining (SimCLR, HED stain jitter)")
     encoder.eval()
     encoder.input_size = p.crop  # extraction sees tiles at the view size it was trained at
-    record = RunRecord(kind="mil-encoder", config=asdict(p), cases_seen=sorted({s.slide_id for s in sets}))
     ckpt = encoder_checkpoint(
         encoder,
         p.width,
-        record=record.to_dict(),
+        record={**record, "complete": True, "step": p.steps},
         extra={"projector": {k: v.detach().cpu() for k, v in projector.state_dict().items()},
                "tiles_mpp": float(sets[0].attrs.get("mpp", 0.0)), "tile_size": sets[0].tile_size},
     )

@@ -44,9 +44,12 @@ from pathlib import Path
 
 import numpy as np
 
-from medcl.core.errors import MedclConfigError, MedclDataError, MedclError
-from medcl.core.files import atomic_path, atomic_write_json, write_csv
+from medcl.core.errors import MedclDataError, MedclError
+from medcl.core.files import atomic_path, write_csv
+from medcl.core.record import RunRecord
+from medcl.core.runfolder import RunFolder
 from medcl.io.slide import SLIDE_EXTENSIONS, Slide, open_slide, slide_id_from_path
+from medcl.wsi.config import TilingParams
 from medcl.wsi.tile_io import TileSet, find_h5, is_complete, load_tile_set, write_tiles_h5
 from medcl.wsi.tissue import draw_tiles, tile_tissue_fraction, tissue_mask
 
@@ -59,51 +62,6 @@ __all__ = [
 ]
 
 STATUSES = ("done", "skipped", "no_tissue", "failed")
-
-
-@dataclass
-class TilingParams:
-    """What ``medcl mil tile`` is asked for.
-
-    Attributes:
-        mpp: target microns per pixel of the tiles (0.5 ~ 20x, 0.25 ~ 40x).
-        size: tile side in pixels at the target mpp.
-        overlap: overlap of neighbouring tiles in target pixels (``0 <= overlap < size``).
-        tissue_threshold: minimum fraction of a tile covered by the tissue mask.
-        assume_mpp: level-0 mpp for slides whose file records none (otherwise such slides fail).
-        mpp_tolerance: relative tolerance under which a level's mpp counts as the target.
-        thumbnail_size: longest side of the thumbnail the tissue mask is computed on.
-        backend: ``auto``, ``openslide`` or ``tiffslide``.
-        min_saturation: floor on the saturation threshold (an empty slide's Otsu threshold is noise).
-        closing_um, min_tissue_um2, max_hole_um2: morphology in physical units (microns, square microns).
-    """
-
-    mpp: float = 0.5
-    size: int = 256
-    overlap: int = 0
-    tissue_threshold: float = 0.25
-    assume_mpp: float | None = None
-    mpp_tolerance: float = 0.1
-    thumbnail_size: int = 2048
-    backend: str = "auto"
-    min_saturation: float = 0.05
-    closing_um: float = 16.0
-    min_tissue_um2: float = 10_000.0
-    max_hole_um2: float = 10_000.0
-
-    def validate(self) -> None:
-        if not (self.mpp > 0 and math.isfinite(self.mpp)):
-            raise MedclConfigError("mpp", f"must be a positive number, got {self.mpp}")
-        if self.size < 8:
-            raise MedclConfigError("size", f"must be at least 8 pixels, got {self.size}")
-        if not 0 <= self.overlap < self.size:
-            raise MedclConfigError("overlap", f"must be in [0, size={self.size}), got {self.overlap}")
-        if not 0.0 <= self.tissue_threshold <= 1.0:
-            raise MedclConfigError("tissue_threshold", f"must be in [0, 1], got {self.tissue_threshold}")
-        if not 0.0 <= self.mpp_tolerance < 1.0:
-            raise MedclConfigError("mpp_tolerance", f"must be in [0, 1), got {self.mpp_tolerance}")
-        if self.thumbnail_size < 64:
-            raise MedclConfigError("thumbnail_size", f"must be at least 64, got {self.thumbnail_size}")
 
 
 @dataclass
@@ -297,12 +255,14 @@ def tile_slides(
     params = params or TilingParams()
     params.validate()
     out = Path(out_dir)
-    out.mkdir(parents=True, exist_ok=True)
-    for stale in out.glob(".*.h5.*.tmp"):  # left by a killed run
-        stale.unlink(missing_ok=True)
     slides, results = find_slides(inputs)
     if not slides and not results:
         raise MedclDataError(", ".join(map(str, inputs)), f"no slide files found (endings: {', '.join(SLIDE_EXTENSIONS)})")
+    folder = RunFolder(out, RunRecord(kind="wsi-tiles", config=asdict(params),
+                                      cases_seen=sorted(slide_id_from_path(s) for s in slides)))
+    folder.begin(params)
+    for stale in out.glob(".*.h5.*.tmp*"):  # left by a killed run
+        stale.unlink(missing_ok=True)
     seen: dict[str, str] = {}
     bar = tqdm(slides, desc="tiling", unit="slide", disable=not progress, file=sys.stderr)
     for path in bar:
@@ -322,7 +282,7 @@ def tile_slides(
             results.append(TileResult(str(path), sid, "failed", message=str(getattr(exc, "problem", exc))))
         except Exception as exc:  # a backend failing mid-read (truncated file): report, go on with the batch
             results.append(TileResult(str(path), sid, "failed", message=f"{type(exc).__name__}: {exc}"))
-    write_summary(results, out, params)
+    folder.finish(write_summary(results, out, params), step=len(results))
     if verbose:
         log.info("%s", format_summary(results))
     return results
@@ -338,13 +298,13 @@ def _resumed(path: Path, sid: str, h5: Path) -> TileResult:
         )
 
 
-def write_summary(results: Sequence[TileResult], out: Path, params: TilingParams) -> None:
+def write_summary(results: Sequence[TileResult], out: Path, params: TilingParams) -> dict:
+    """``summary.csv`` (a row per slide); returns the ``summary.json`` document (params, counts, slides)."""
     counts = {s: sum(r.status == s for r in results) for s in STATUSES}
     counts["tiles"] = sum(r.n_tiles for r in results if r.status in ("done", "skipped"))
-    doc = {"params": asdict(params), "counts": counts, "slides": [asdict(r) for r in results]}
-    atomic_write_json(doc, out / "summary.json", indent=2)
     cols = ["slide_id", "status", "n_tiles", "level", "read_size", "mpp_effective", "seconds", "message", "slide"]
     write_csv(out / "summary.csv", [asdict(r) for r in results], cols)
+    return {"params": asdict(params), "counts": counts, "slides": [asdict(r) for r in results]}
 
 
 def format_summary(results: Sequence[TileResult]) -> str:
