@@ -8,7 +8,7 @@ import importlib
 import sys
 
 from medcl import __version__
-from medcl.core.errors import MedclError
+from medcl.core.errors import MedclError, MedclInterrupted
 from medcl.core.logs import configure_logging
 
 # Modules exposing ``register(subparsers)``; each adds one top-level subcommand.
@@ -52,6 +52,9 @@ def main(argv: list[str] | None = None) -> int:
         args.overrides = [e.lstrip("-") for e in extra]
     try:
         rc = args.func(args)
+    except MedclInterrupted as exc:
+        print(f"medcl: {exc}", file=sys.stderr)
+        return exc.exit_code
     except MedclError as exc:
         print(f"medcl: error: {exc}", file=sys.stderr)
         return 2

@@ -29,7 +29,7 @@ from medcl.config import to_dict
 from medcl.core.device import resolve_device
 from medcl.core.files import atomic_write_json, atomic_write_text
 from medcl.core.record import RunRecord
-from medcl.core.runfolder import RunFolder, run_is_complete, test_metrics_path
+from medcl.core.runfolder import RunFolder, prepare_run_folder, run_is_complete, test_metrics_path
 
 log = logging.getLogger(__name__)
 
@@ -84,10 +84,13 @@ def run_demo(
     finetune_steps: int | None = None,
     seeds: Sequence[int] = (0, 1),
     progress: bool = True,
+    overwrite: bool = False,
 ) -> dict[str, Any]:
-    """Run the demo into ``out``; returns the summary (also ``out/summary.json``)."""
+    """Run the demo into ``out``; returns the summary (also ``out/summary.json``). Rerunning into the same ``out``
+    resumes (finished runs are kept); ``overwrite`` starts again in an emptied folder."""
 
     from medcl.data import load_manifest, write_phantom_dataset
+    from medcl.engine.trainer import last_checkpoint
     from medcl.pretrain.run import run_pretrain
     from medcl.segment.finetune import run_finetune
     from medcl.segment.prepare import CaseSelection, load_finetune_config
@@ -96,6 +99,8 @@ def run_demo(
     out = Path(out)
     config = DemoConfig(None if data is None else str(data), n_phantoms, phantom_size, n_test, n_labelled,
                         pretrain_steps, finetune_steps, [int(s) for s in seeds], device)
+    prepare_run_folder(out, "demo", overwrite=overwrite, rerun_resumes=True,
+                       inputs=[data] if data is not None else [])
     folder = RunFolder(out, RunRecord(kind="demo", config=to_dict(config)))
     folder.begin(config)
     on_data = data is not None
@@ -127,8 +132,9 @@ def run_demo(
     ft_cfg = _recipe(f"demo_finetune_{kind}.yaml")
     stage(f"pretraining gd+local on {len(split['pool'])} volumes (test volumes excluded, labels ignored)")
     pre_dir = out / "pretrain"
-    if not (pre_dir / "backbone.pt").is_file():
+    if not run_is_complete(pre_dir) or not (pre_dir / "backbone.pt").is_file():
         run_pretrain(pre_cfg, data, pre_dir, max_steps=pretrain_steps, device=device, cases=split["pool"],
+                     resume=last_checkpoint(pre_dir) is not None, overwrite=last_checkpoint(pre_dir) is None,
                      progress=progress)
 
     results: dict[str, list[dict[str, Any]]] = {i: [] for i in INITS}
@@ -143,7 +149,7 @@ def run_demo(
             if run_is_complete(run_dir) and (run_dir / "summary.json").is_file():
                 summary = json.loads((run_dir / "summary.json").read_text())
             else:
-                res = run_finetune(cfg, data, run_dir, selection=CaseSelection(train=split["labelled"], test=split["test"],
+                res = run_finetune(cfg, data, run_dir, resume=True, selection=CaseSelection(train=split["labelled"], test=split["test"],
                                    budget=n_labelled, source="demo"), device=device, progress=progress)
                 summary = res.summary
             results[init].append({"seed": seed, "run": run_dir.name, **summary["test"]})

@@ -21,6 +21,8 @@ def register(subparsers: Any) -> None:
     p.add_argument("--finetune-steps", type=int, help="override the recipe's fine-tuning steps")
     p.add_argument("--seeds", default="0,1", help="fine-tuning seeds, comma-separated (default 0,1)")
     p.add_argument("--no-progress", action="store_true", help="no progress bars")
+    p.add_argument("--overwrite", action="store_true",
+                   help="start again in an emptied --out (by default a rerun resumes the demo there)")
     p.set_defaults(func=_cmd_demo)
 
 
@@ -30,6 +32,6 @@ def _cmd_demo(args: Any) -> int:
 
     seeds = parse_int_list(args.seeds, "--seeds")
     run_demo(args.out, args.device, args.data, pretrain_steps=args.pretrain_steps, finetune_steps=args.finetune_steps,
-             seeds=seeds, progress=not args.no_progress)
+             seeds=seeds, progress=not args.no_progress, overwrite=args.overwrite)
     print(f"medcl demo: done; see {args.out}/summary.md, dice.png, examples.png (medcl report {args.out} for one page)")
     return 0

@@ -6,6 +6,7 @@ import json
 
 import lightning  # noqa: F401  (imported once per session)
 import numpy as np
+from _runfolder import assert_run_folder
 from PIL import Image
 
 from medcl.demo import make_split, run_demo
@@ -37,6 +38,14 @@ def test_demo_writes_table_and_figures(tmp_path):
     record = json.loads((out / "pretrain" / "record.json").read_text())
     split = json.loads((out / "split.json").read_text())
     assert not set(record["cases_seen"]) & set(split["test"])
+    # the run-folder contract, for the demo and the runs inside it
+    from medcl.demo import DemoConfig
+    from medcl.pretrain import PretrainConfig
+    from medcl.segment.config import FinetuneConfig
+
+    assert_run_folder(out, "demo", DemoConfig, step=2)
+    assert_run_folder(out / "pretrain", "pretrain", PretrainConfig, step=3)
+    assert_run_folder(out / "finetune_random_seed0", "finetune", FinetuneConfig, step=3)
     for name in ("dice.png", "examples.png"):
         img = np.asarray(Image.open(out / name))
         assert img.shape[0] > 100 and img.std() > 0

@@ -14,6 +14,7 @@ from pathlib import Path
 import lightning  # noqa: F401  (imported once per session: the jobs below need it)
 import pytest
 import torch
+from _runfolder import assert_run_folder
 
 from medcl.config import load_config
 from medcl.core.errors import MedclConfigError
@@ -86,6 +87,8 @@ def test_every_method_runs_and_moves_the_weights(method, phantoms, tmp_path):
     assert ckpt["global_step"] == 2
     record = ckpt["medcl_record"]
     assert record["kind"] == "pretrain" and record["cases_seen"] and record["plan"]
+    assert record["step"] == 2 and record["complete"] is True  # the final checkpoint judges itself
+    assert_run_folder(run, "pretrain", PretrainConfig, step=2)
     # the weights moved away from the (seeded) initialisation
     trained = safe_torch_load(run / "backbone.pt")
     cfg = load_config(PretrainConfig, run / "config.yaml")

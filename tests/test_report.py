@@ -212,6 +212,24 @@ def test_detect_kind(runs):
     assert detect_kind(runs["pretrain"] / "checkpoints") is None
 
 
+def test_kind_comes_from_the_record_and_folders_without_one_are_legacy(runs, tmp_path):
+    """A folder whose record.json names its kind is that kind whatever files it holds; the old-style folders of
+    the fixture (finetune without record.json) still render, labelled "(legacy)"."""
+    odd = tmp_path / "odd"
+    odd.mkdir()
+    (odd / "results.csv").write_text("a,b\n1,2\n")  # would look like a benchmark or MIL run to the old detection
+    rec = RunRecord(kind="wsi-features", complete=False, step=2).to_dict()
+    (odd / "record.json").write_text(json.dumps(rec))
+    assert detect_kind(odd) == "wsi-features"
+    sec = scan_run(odd)
+    assert sec.kind == "wsi-features" and not sec.legacy
+    assert any("incomplete" in p for p in sec.problems)  # complete: false is a listed problem
+    legacy = runs["demo"] / "finetune_random"
+    assert not (legacy / "record.json").exists()
+    page = render_report(legacy)
+    assert "finetune (legacy)" in page and "Test metrics per case and class (metrics.csv)" in page
+
+
 def test_metric_summary_against_reference():
     series = {"train/loss": [(float(s), v) for s, v in sorted(LOSS.items())], "probe/knn": sorted(KNN.items()),
               "train/other": [(0.0, 1.0), (1.0, 2.0)]}

@@ -13,6 +13,7 @@ import monai  # noqa: F401  (imported once per session)
 import numpy as np
 import pytest
 import torch
+from _runfolder import assert_run_folder
 
 from medcl.cli import main
 from medcl.config import to_dict
@@ -139,6 +140,17 @@ def test_finetune_refuses_a_state_dict_without_run_record_unless_allowed(ws, tmp
     record = json.loads((tmp_path / "b" / "record.json").read_text())
     assert record["extra"]["provenance"] == "unknown" and record["extra"]["init"]["provenance"] == "unknown"
     assert record["kind"] == "finetune" and record["complete"] is True and record["step"] == 2
+    from medcl.segment.config import FinetuneConfig
+
+    assert_run_folder(tmp_path / "b", "finetune", FinetuneConfig, step=2)
+
+
+def test_finetune_warmup_steps_is_an_error_naming_freeze_steps(ws, tmp_path, capsys):
+    rc = main(["finetune", "--data", str(ws["data"]), "--out", str(tmp_path / "w"), "--labelled", "2",
+               "--max-steps", "2", "--device", "cpu", "optim.warmup_steps=5"])
+    err = capsys.readouterr().err.strip().splitlines()
+    assert rc != 0 and len(err) == 1 and "optim.freeze_steps" in err[0] and "optim.warmup_steps" in err[0]
+    assert not (tmp_path / "w").exists()
 
 
 def test_phantom_finetune_beats_chance(ws, trained):
@@ -305,6 +317,9 @@ def test_label_efficiency_benchmark_runs_reports_and_resumes(ws, tmp_path, caplo
     with open(out / "results.csv") as f:
         table = list(csv.DictReader(f))
     assert {r["init"] for r in table} == {"random", "pre"} and {r["budget"] for r in table} == {"2", "full"}
+    from medcl.segment.bench_config import LabelEfficiencyConfig
+
+    assert_run_folder(out, "label-efficiency", LabelEfficiencyConfig, step=13)
     assert all(r["lr_rule"] == "validation" for r in table)
     # a rerun skips every finished run and reproduces the tables
     caplog.clear()

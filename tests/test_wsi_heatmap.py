@@ -12,6 +12,7 @@ import numpy as np
 import pytest
 import tifffile
 import torch
+from _runfolder import assert_run_folder
 from matplotlib import colormaps
 from PIL import Image
 from skimage.color import hed2rgb, rgb2hed
@@ -110,6 +111,12 @@ def test_pretrain_encoder_checkpoint_feeds_extraction(tmp_path):
     with h5py.File(tmp_path / "f" / "s.h5") as f, h5py.File(tmp_path / "tiles" / "s.h5") as t:
         assert f["features"].shape == (t["coords"].shape[0], 64)
         np.testing.assert_array_equal(f["coords"][()], t["coords"][()])
+    # the run-folder contract of the three slide commands
+    from medcl.wsi.config import ExtractParams, PretrainParams, TilingParams
+
+    assert_run_folder(tmp_path / "tiles", "wsi-tiles", TilingParams, step=1)
+    assert_run_folder(tmp_path / "enc", "mil-encoder", PretrainParams, step=3)
+    assert_run_folder(tmp_path / "f", "wsi-features", ExtractParams, step=1)
 
 
 # --------------------------------------------------------------------------------------------- heatmap

@@ -28,6 +28,21 @@ class MedclDataError(MedclError):
         super().__init__(f"{self.path}: {problem}" if self.path else problem)
 
 
+class MedclInterrupted(MedclError):
+    """A run stopped by a signal after writing a checkpoint at the step it reached (``--resume`` continues it).
+
+    ``exit_code`` is what the ``medcl`` command returns: 128 + the signal number (143 for SIGTERM).
+    """
+
+    def __init__(self, signal_name: str, step: int, out: str | PathLike) -> None:
+        import signal as _signal
+
+        self.signal_name, self.step, self.out = signal_name, int(step), str(out)
+        self.exit_code = 128 + int(getattr(_signal, signal_name, 15))
+        super().__init__(f"{self.out}: stopped by {signal_name} at step {self.step}; a checkpoint of that step is in "
+                         f"{self.out}/checkpoints (continue with --resume)")
+
+
 class MedclConfigError(MedclError):
     """A problem with a configuration value; ``key`` is the dotted key path (``train.lr``)."""
 

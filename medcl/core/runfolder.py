@@ -21,6 +21,8 @@ from __future__ import annotations
 
 import json
 import os
+import shutil
+from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
@@ -29,7 +31,7 @@ from medcl.core.files import atomic_write_json
 from medcl.core.record import RunRecord
 
 __all__ = ["RECORD_FILE", "SUMMARY_FILE", "CONFIG_FILE", "TEST_METRICS", "RunFolder", "read_record", "run_is_complete",
-           "test_metrics_path"]
+           "test_metrics_path", "prepare_run_folder", "config_differences"]
 
 RECORD_FILE = "record.json"
 SUMMARY_FILE = "summary.json"
@@ -60,6 +62,80 @@ def run_is_complete(folder: str | os.PathLike) -> bool:
     if rec is None or rec.get("complete") is None:
         return (folder / SUMMARY_FILE).is_file()
     return bool(rec["complete"])
+
+
+def _inside(child: Path, parent: Path) -> bool:
+    try:
+        child.resolve().relative_to(parent.resolve())
+        return True
+    except ValueError:
+        return False
+
+
+def prepare_run_folder(out: str | os.PathLike, kind: str, *, resume: bool = False, overwrite: bool = False,
+                       inputs: Sequence[str | os.PathLike] = (), rerun_resumes: bool = False) -> Path:
+    """Check ``--out`` before a job writes anything: two runs never mix, and outputs never replace inputs.
+
+    * ``out`` may not be an input or hold one (``inputs``: the job's data paths; compared after resolving links);
+    * a non-empty ``out`` is refused unless ``resume`` (continue the run there), ``overwrite`` (empty it first), or
+      ``rerun_resumes`` and it holds a run of the same ``kind`` (jobs that resume by rerunning: the benchmark, the
+      demo, tiling and extraction, which skip what is done).
+
+    Raises:
+        MedclConfigError: naming ``--out`` and what to pass instead.
+        MedclDataError: ``out`` is a file, or cannot be created.
+    """
+    from medcl.core.errors import MedclConfigError
+
+    out = Path(out)
+    for src in map(Path, inputs):
+        if not (src.exists() and out.exists()):
+            continue
+        if out.resolve() == src.resolve():
+            raise MedclConfigError("--out", f"{out} is the input {src}; choose another --out")
+        if _inside(src, out):
+            raise MedclConfigError("--out", f"{out} holds the input {src}: outputs could replace inputs; choose "
+                                            "another --out")
+    if out.exists() and not out.is_dir():
+        raise MedclDataError(out, "--out is a file; it must be a folder (new or a run folder)")
+    busy = out.is_dir() and any(not p.name.startswith(".") for p in out.iterdir())
+    if busy and not resume:
+        rec = read_record(out) if (out / RECORD_FILE).is_file() else None
+        same_kind = rec is not None and rec.get("kind") == kind
+        if overwrite:
+            for child in out.iterdir():
+                if child.is_dir() and not child.is_symlink():
+                    shutil.rmtree(child)
+                else:
+                    child.unlink()
+        elif not (rerun_resumes and same_kind):
+            what = f"a {rec['kind']} run" if rec is not None else "files"
+            raise MedclConfigError("--out", f"{out} already holds {what}; pass --resume to continue it, --overwrite to "
+                                            "empty it and start again, or choose another folder")
+    try:
+        out.mkdir(parents=True, exist_ok=True)
+    except OSError as exc:
+        raise MedclDataError(out, f"cannot create the run folder: {exc.strerror or exc}") from exc
+    return out
+
+
+def config_differences(saved: str | os.PathLike, new: dict[str, Any], free: Sequence[str] = ()) -> list[str]:
+    """Dotted keys whose values differ between the saved ``config.yaml`` and ``new`` (a resolved config dict),
+    ignoring ``free`` keys (those a resumed run may change: workers, logging, device, threads, ...)."""
+    from medcl.config import read_yaml
+
+    return [k for k in _flat_diff(read_yaml(saved), new) if k not in set(free)]
+
+
+def _flat_diff(a: Any, b: Any, prefix: str = "") -> list[str]:
+    if isinstance(a, dict) and isinstance(b, dict):
+        out: list[str] = []
+        for k in sorted(set(a) | set(b), key=str):
+            out += _flat_diff(a.get(k), b.get(k), f"{prefix}.{k}" if prefix else str(k))
+        return out
+    if isinstance(a, list | tuple) and isinstance(b, list | tuple):
+        a, b = list(a), list(b)
+    return [] if a == b else [prefix]
 
 
 def read_record(folder: str | os.PathLike) -> dict[str, Any] | None:
@@ -98,6 +174,11 @@ class RunFolder:
         self.record["step"] = int(step)
         atomic_write_json(self.record, self.out / RECORD_FILE)
         return self.record
+
+    def stopped_at(self, step: int) -> None:
+        """Record how far an interrupted run got (``complete`` stays ``false``)."""
+        self.record["step"] = int(step)
+        atomic_write_json(self.record, self.out / RECORD_FILE)
 
     def finish(self, summary: dict[str, Any] | None = None, step: int | None = None) -> dict[str, Any]:
         """Write ``summary.json`` (when given), then ``record.json`` with ``complete: true``; returns the record."""

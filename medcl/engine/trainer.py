@@ -166,7 +166,8 @@ def make_trainer(
         enable_version_counter=False,  # overwrite last.ckpt (FinalStepCheckpoint may have written it), no last-v1
     )
     loggers = [
-        CSVLogger(save_dir=str(out), name="logs", version=csv_version),
+        # flushed at every logged step: a SIGKILL loses no logged row (metrics.csv is merged over resumes)
+        CSVLogger(save_dir=str(out), name="logs", version=csv_version, flush_logs_every_n_steps=1),
         TensorBoardLogger(save_dir=str(out), name="tensorboard", version="", default_hp_metric=False),
     ] + list(extra_loggers or [])
     final = _final_step_checkpoint_callback()
@@ -203,7 +204,10 @@ def _final_step_checkpoint_callback():
     import lightning as L
 
     class FinalStepCheckpoint(L.Callback):
-        """Writes ``last.ckpt`` after the final optimiser step when the periodic checkpoint did not.
+        """Writes ``last.ckpt`` after the final optimiser step when the periodic checkpoint did not, and at the step
+        reached when the process received SIGTERM (what SLURM time limits and ``docker stop`` send): Lightning then
+        stops after this batch, the job raises :class:`medcl.core.errors.MedclInterrupted` (exit 143) and
+        ``--resume`` continues exactly from here.
 
         It runs in ``on_train_batch_end`` rather than ``on_train_end`` because only then does the fit
         loop still hold the data-stream state that exact resume needs.
@@ -212,18 +216,54 @@ def _final_step_checkpoint_callback():
         def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx) -> None:
             every = getattr(self, "every", 0)
             step = trainer.global_step
-            if step >= trainer.max_steps and not (every and step % every == 0) and not trainer.fit_loop._should_accumulate():
+            if trainer.fit_loop._should_accumulate():
+                return
+            final = step >= trainer.max_steps and not (every and step % every == 0)
+            if final or (trainer.received_sigterm and not getattr(self, "saved_on_sigterm", False)):
                 trainer.save_checkpoint(Path(trainer.default_root_dir) / "checkpoints" / "last.ckpt", weights_only=False)
+                self.saved_on_sigterm = trainer.received_sigterm
 
     return FinalStepCheckpoint()
 
 
-def last_checkpoint(out_dir: str | Path) -> Path | None:
-    """The newest checkpoint a run left in ``out_dir/checkpoints`` (``last.ckpt`` or ``step=N.ckpt``), or None.
+def fit_or_interrupt(trainer: Any, *args: Any, **kwargs: Any) -> None:
+    """``trainer.fit(*args, **kwargs)``; a SIGTERM during it (checkpoint written at the step reached, see
+    ``FinalStepCheckpoint``) becomes :class:`medcl.core.errors.MedclInterrupted`, exit code 143."""
+    from lightning.pytorch.utilities.exceptions import SIGTERMException
 
-    Checkpoints are written atomically, so every file there is complete; the newest one wins because a
-    kill can land between writing ``step=N.ckpt`` and refreshing ``last.ckpt``.
+    from medcl.core.errors import MedclInterrupted
+
+    try:
+        trainer.fit(*args, **kwargs)
+    except SIGTERMException:
+        raise MedclInterrupted("SIGTERM", int(trainer.global_step), trainer.default_root_dir) from None
+
+
+def checkpoint_step(path: str | Path) -> int:
+    """The optimiser step a checkpoint holds: from its name (``step=N.ckpt``) or, for ``last.ckpt``, from its
+    ``global_step`` (read memory-mapped, weights only: the tensors are not loaded)."""
+    import re
+
+    m = re.fullmatch(r"step=(\d+)\.ckpt", Path(path).name)
+    if m:
+        return int(m.group(1))
+    ckpt = torch.load(path, map_location="cpu", weights_only=True, mmap=True)
+    return int(ckpt.get("global_step", -1)) if isinstance(ckpt, dict) else -1
+
+
+def last_checkpoint(out_dir: str | Path) -> Path | None:
+    """The checkpoint with the highest step in ``out_dir/checkpoints`` (``last.ckpt`` or ``step=N.ckpt``), or None.
+
+    Checkpoints are written atomically, so every file there is complete. The step stored in a checkpoint decides,
+    not the file time (copied or restored folders change times); ``last.ckpt`` wins a tie. The temporary files a
+    kill left behind (:data:`medcl.core.files.TMP_GLOB`) are removed here, where a resume starts.
     """
+    from medcl.core.files import TMP_GLOB
+
     folder = Path(out_dir) / "checkpoints"
-    found = [p for p in folder.glob("*.ckpt") if p.is_file()] if folder.is_dir() else []
-    return max(found, key=lambda p: (p.stat().st_mtime_ns, p.name == "last.ckpt")) if found else None
+    if not folder.is_dir():
+        return None
+    for stale in folder.glob(TMP_GLOB):
+        stale.unlink(missing_ok=True)
+    found = [p for p in folder.glob("*.ckpt") if p.is_file()]
+    return max(found, key=lambda p: (checkpoint_step(p), p.name == "last.ckpt")) if found else None

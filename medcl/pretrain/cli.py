@@ -30,7 +30,9 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     p.add_argument("--device", default=None, help="auto (GPU when available), cpu, cuda or cuda:N (config key device)")
     p.add_argument("--threads", type=int, default=None, help="torch CPU threads (config key threads)")
     p.add_argument("--seed", type=int, help="override the config seed")
-    p.add_argument("--resume", action="store_true", help="continue from OUT/checkpoints/last.ckpt")
+    p.add_argument("--resume", action="store_true",
+                   help="continue the run in OUT from its latest checkpoint (a --config must match the run's)")
+    p.add_argument("--overwrite", action="store_true", help="empty a non-empty OUT first (otherwise it is refused)")
     p.add_argument(
         "--split",
         help="label-budget split JSON (medcl split): pretrain on its pool only, never on its test cases",
@@ -62,6 +64,7 @@ def _cmd_pretrain(args: argparse.Namespace) -> int:
         device=args.device,
         seed=args.seed,
         resume=args.resume,
+        overwrite=args.overwrite,
         cases=cases,
         progress=not args.no_progress,
     )

@@ -26,12 +26,18 @@ import torch
 
 from medcl.config import load_config, to_dict
 from medcl.core.device import cuda_available, torch_threads
-from medcl.core.errors import MedclConfigError, MedclDataError
+from medcl.core.errors import MedclConfigError, MedclDataError, MedclInterrupted
 from medcl.core.record import RunRecord
-from medcl.core.runfolder import RunFolder, read_record
+from medcl.core.runfolder import RunFolder, config_differences, prepare_run_folder, read_record
 from medcl.engine.metrics_log import merge_metrics
 from medcl.engine.plots import plot_curves, read_metrics_csv
-from medcl.engine.trainer import last_checkpoint, make_trainer, resolve_accelerator, use_channels_last
+from medcl.engine.trainer import (
+    fit_or_interrupt,
+    last_checkpoint,
+    make_trainer,
+    resolve_accelerator,
+    use_channels_last,
+)
 from medcl.pretrain.config import PretrainConfig
 
 log = logging.getLogger("medcl.pretrain")
@@ -103,6 +109,7 @@ def run_pretrain(
     device: str | None = None,
     seed: int | None = None,
     resume: bool = False,
+    overwrite: bool = False,
     cases: list[str] | None = None,
     progress: bool = True,
 ) -> Path:
@@ -115,12 +122,15 @@ def run_pretrain(
         overrides: ``key.sub=value`` config overrides.
         max_steps, seed: override ``trainer.max_steps`` / ``seed``.
         device: ``auto``, ``cpu``, ``cuda`` or ``cuda:N``; ``None`` = the config's ``device``.
-        resume: continue from ``out/checkpoints/last.ckpt`` with the saved config.
+        resume: continue the run in ``out`` from its latest checkpoint, with the saved config (``config``, when
+            given, must resolve to the same config apart from :data:`RESUME_FREE_KEYS`).
+        overwrite: empty a non-empty ``out`` first (without ``resume`` or ``overwrite`` it is refused).
         cases: restrict to these case ids (e.g. the unlabelled pool of a label-budget split).
         progress: show progress bars.
     """
     t0 = time.time()
     out = Path(out)
+    prepare_run_folder(out, "pretrain", resume=resume, overwrite=overwrite, inputs=[data])
     cfg, ckpt = _resolve_run(config, out, resume, overrides, max_steps, seed)
     if device is not None and device != cfg.device:
         cfg = replace(cfg, device=device)  # the run record shows the device actually asked for
@@ -137,7 +147,11 @@ def _run(cfg: PretrainConfig, ckpt: Path | None, data: str | Path, out: Path, de
     cases_used = _select_cases(cfg, data, cases, out if resume else None)
     cfg = cases_used.cfg
     folder = _start_run_folder(cfg, out, resume, cases_used, data)
-    run = _fit(cfg, folder.record, cases_used, out, ckpt, device, progress, resume)
+    try:
+        run = _fit(cfg, folder.record, cases_used, out, ckpt, device, progress, resume)
+    except MedclInterrupted as exc:
+        folder.stopped_at(exc.step)
+        raise
     if run.trainer.is_global_zero:
         _finish(cfg, folder, run, out, time.time() - t0)
     return out
@@ -149,9 +163,22 @@ def _resolve_run(config: str | Path | PretrainConfig | None, out: Path, resume: 
     if not resume:
         return resolve_config(config, overrides, max_steps, seed), None
     ckpt = last_checkpoint(out)
-    if ckpt is None or not (out / "config.yaml").is_file():
-        raise MedclDataError(out, "nothing to resume: no checkpoints/last.ckpt and config.yaml in the run folder")
-    return resolve_config(out / "config.yaml", overrides, max_steps, seed), ckpt
+    saved = out / "config.yaml"
+    if ckpt is None or not saved.is_file():
+        raise MedclDataError(out, "nothing to resume: no checkpoint and config.yaml in the run folder")
+    cfg = resolve_config(saved, overrides, max_steps, seed)
+    if config is not None:  # --config with --resume: it must be the run's config
+        asked = resolve_config(config, overrides, max_steps, seed)
+        asked = replace(asked, backbone=replace(asked.backbone, in_channels=cfg.backbone.in_channels))
+        diffs = config_differences(saved, to_dict(asked), RESUME_FREE_KEYS)
+        if diffs:
+            raise MedclConfigError(diffs[0], f"--config differs from the run being resumed ({saved}); differing keys: "
+                                             f"{', '.join(diffs[:8])}")
+    return cfg, ckpt
+
+
+RESUME_FREE_KEYS = ("trainer.num_workers", "trainer.log_every", "trainer.max_steps", "device", "threads")
+"""Config keys a resumed pretraining run may change (``trainer.max_steps``: extend a finished run)."""
 
 
 @dataclass
@@ -254,7 +281,7 @@ def _fit(cfg: PretrainConfig, record: dict[str, Any], cases: _Cases, out: Path, 
     trainer = make_trainer(
         cfg.trainer, out, device, callbacks=[probe, timer.callback], enable_progress_bar=progress, csv_version=csv_version
     )
-    trainer.fit(module, datamodule=PretrainDataModule(stream, cfg), ckpt_path=str(ckpt) if ckpt else None)
+    fit_or_interrupt(trainer, module, datamodule=PretrainDataModule(stream, cfg), ckpt_path=str(ckpt) if ckpt else None)
     return _Fitted(trainer, module, probe, timer)
 
 

@@ -42,7 +42,7 @@ from medcl.config import to_dict
 from medcl.core.errors import MedclConfigError
 from medcl.core.files import atomic_write_json, write_csv
 from medcl.core.record import RunRecord
-from medcl.core.runfolder import RunFolder, run_is_complete, test_metrics_path
+from medcl.core.runfolder import RunFolder, prepare_run_folder, run_is_complete, test_metrics_path
 from medcl.data import load_manifest
 from medcl.data.splits import FULL, LabelBudgetSplit, load_split, make_label_budget_split
 from medcl.segment.bench_config import RANDOM, InitSpec, LabelEfficiencyConfig, load_benchmark_config
@@ -79,8 +79,8 @@ def pretrain_init(spec: InitSpec, data: str, out: Path, pool: list[str], seed: i
                   device: str = "auto") -> str:
     """The seam to the pretraining job: pretrain ``spec`` on the ``pool`` cases into ``out`` (once).
 
-    Calls ``pretrain_fn(config, data, out, overrides=..., seed=..., cases=pool, resume=..., device=...,
-    progress=False)`` (the signature of :func:`medcl.pretrain.run_pretrain`), ``config`` being ``spec.config``
+    Calls ``pretrain_fn(config, data, out, overrides=..., seed=..., cases=pool, resume=..., overwrite=...,
+    device=..., progress=False)`` (the signature of :func:`medcl.pretrain.run_pretrain`), ``config`` being ``spec.config``
     or the YAML of ``spec.method`` (:func:`method_config`); it returns the run folder. Skipped when ``out``
     already holds a complete run (``backbone.pt``); resumed when it holds a checkpoint. The acceptance rule of
     every fine-tune still checks the result against the test set.
@@ -88,9 +88,12 @@ def pretrain_init(spec: InitSpec, data: str, out: Path, pool: list[str], seed: i
     if run_is_complete(out) and (out / "backbone.pt").is_file():
         return str(out / "backbone.pt")
     config = spec.config or str(method_config(spec.method or ""))
-    resume = (out / "checkpoints" / "last.ckpt").is_file()
+    from medcl.engine.trainer import last_checkpoint
+
+    resume = last_checkpoint(out) is not None
+    # a run killed before its first checkpoint left files but nothing to resume: start it again
     result = pretrain_fn(config, data, out, overrides=list(spec.overrides), seed=seed, cases=list(pool),
-                         resume=resume, device=device, progress=False)
+                         resume=resume, overwrite=not resume, device=device, progress=False)
     return str(result) if result is not None else str(out)
 
 
@@ -163,13 +166,16 @@ def run_label_efficiency(
     *,
     device: str = "auto",
     pretrain_fn: PretrainFn | None = None,
+    overwrite: bool = False,
 ) -> list[dict[str, Any]]:
-    """Run (or resume) the benchmark; returns the rows of ``results.csv``.
+    """Run (or resume: rerun into the same ``out``) the benchmark; returns the rows of ``results.csv``.
+    ``overwrite`` starts again in an emptied ``out``.
 
     Steps: the split; the initialisations (pretraining methods on the pool, every checkpoint checked against the
     test set); one architecture for all; the learning-rate sweep inside the budget; the reported runs; the tables.
     """
     out = Path(out)
+    prepare_run_folder(out, "label-efficiency", overwrite=overwrite, rerun_resumes=True, inputs=[data])
     manifest = load_manifest(data)
     # config.yaml is self-contained: the fine-tuning base is stored resolved (no path relative to the YAML)
     folder = RunFolder(out, RunRecord(kind="label-efficiency", config=to_dict(replace(

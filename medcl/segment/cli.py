@@ -68,6 +68,7 @@ def _register_finetune(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--device", default=None, help="auto, cpu, cuda or cuda:N (config key device; default auto)")
     p.add_argument("--threads", type=int, default=None, help="torch CPU threads (1 is fastest on a shared CPU)")
     p.add_argument("--resume", action="store_true", help="continue the run in --out from its last checkpoint")
+    p.add_argument("--overwrite", action="store_true", help="empty a non-empty --out first (otherwise it is refused)")
     p.add_argument("--allow-test-overlap", action="store_true",
                    help="accept a pretraining checkpoint whose run saw test cases (the test score is then biased)")
     p.add_argument("--allow-unknown-provenance", action="store_true",
@@ -91,7 +92,8 @@ def _run_finetune(args: argparse.Namespace) -> int:
             over.append(f"{key}={value}")
     cfg = load_finetune_config(args.config, over)
     run_finetune(cfg, args.data, args.out, resume=args.resume, allow_test_overlap=args.allow_test_overlap,
-                 allow_unknown_provenance=args.allow_unknown_provenance, allow_incomplete=args.allow_incomplete)
+                 allow_unknown_provenance=args.allow_unknown_provenance, allow_incomplete=args.allow_incomplete,
+                 overwrite=args.overwrite)
     print(f"medcl finetune: model in {args.out}/model.pt")
     return 0
 
@@ -142,6 +144,8 @@ def register_benchmark(bsub: argparse._SubParsersAction) -> None:
     p.add_argument("--data", required=True, help="dataset")
     p.add_argument("--out", required=True, help="output folder (rerun the same command to resume)")
     p.add_argument("--device", default="auto", help="auto, cpu or cuda")
+    p.add_argument("--overwrite", action="store_true",
+                   help="start again in an emptied --out (by default a rerun resumes the benchmark there)")
     p.add_argument("--jobs", type=int, default=None,
                    help="fine-tunes in parallel processes (jobs; on a CPU: the core count with finetune.threads=1)")
     p.set_defaults(func=_run_label_efficiency, accepts_overrides=True)
@@ -163,7 +167,8 @@ def _run_label_efficiency(args: argparse.Namespace) -> int:
             from medcl.core.errors import MedclConfigError
 
             raise MedclConfigError("inits", f"pretraining methods need medcl.pretrain.run_pretrain ({exc})") from exc
-    run_label_efficiency(cfg, base, args.data, args.out, device=args.device, pretrain_fn=pretrain_fn)
+    run_label_efficiency(cfg, base, args.data, args.out, device=args.device, pretrain_fn=pretrain_fn,
+                         overwrite=args.overwrite)
     print(f"medcl benchmark label-efficiency: {args.out}/results.md, results.csv, dice_vs_labels.png")
     return 0
 

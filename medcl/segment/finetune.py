@@ -36,11 +36,11 @@ import torch
 
 from medcl.config import to_dict
 from medcl.core.device import torch_threads
-from medcl.core.errors import MedclConfigError, MedclDataError
+from medcl.core.errors import MedclConfigError, MedclDataError, MedclInterrupted
 from medcl.core.files import atomic_write_json, atomic_write_text
 from medcl.core.geometry import Volume, spacing_from_affine
 from medcl.core.record import RunRecord
-from medcl.core.runfolder import TEST_METRICS, RunFolder
+from medcl.core.runfolder import TEST_METRICS, RunFolder, config_differences, prepare_run_folder
 from medcl.data import CaseDataset, Manifest, PreprocessingPlan, load_manifest
 from medcl.segment.config import FinetuneConfig
 from medcl.segment.metrics import case_metrics, summarise, write_metrics_csv
@@ -117,37 +117,22 @@ def evaluate_cases(
     return rows
 
 
+RESUME_FREE_KEYS = ("trainer.num_workers", "trainer.log_every", "eval.save_predictions", "device", "threads")
+"""Config keys a resumed fine-tuning run may change (they do not change what is computed)."""
+
+
 def _check_resume(out: Path, cfg: FinetuneConfig, resume: bool) -> Path | None:
+    """The checkpoint to resume from (``None``: start afresh); a resumed run must have the same config."""
     from medcl.engine.trainer import last_checkpoint
 
-    last = last_checkpoint(out)
-    if last is None:
-        return None
-    if not resume:
-        raise MedclConfigError("--out", f"{out} already holds a run ({last}); pass --resume to continue it, or "
-                                        "choose another folder")
+    last = last_checkpoint(out) if resume else None
     saved = out / "config.yaml"
-    if saved.is_file():
-        from medcl.config import read_yaml
-
-        old, new = read_yaml(saved), to_dict(cfg)
-        free = {"trainer.num_workers", "trainer.log_every", "eval.save_predictions", "device", "threads"}
-        diffs = [k for k in _flat_diff(old, new) if k not in free]
+    if last is not None and saved.is_file():
+        diffs = config_differences(saved, to_dict(cfg), RESUME_FREE_KEYS)
         if diffs:
             raise MedclConfigError(diffs[0], f"differs from the run being resumed ({saved}); differing keys: "
                                              f"{', '.join(diffs[:8])}")
     return last
-
-
-def _flat_diff(a: Any, b: Any, prefix: str = "") -> list[str]:
-    if isinstance(a, dict) and isinstance(b, dict):
-        out: list[str] = []
-        for k in sorted(set(a) | set(b), key=str):
-            out += _flat_diff(a.get(k), b.get(k), f"{prefix}.{k}" if prefix else str(k))
-        return out
-    if isinstance(a, list | tuple) and isinstance(b, list | tuple):
-        a, b = list(a), list(b)
-    return [] if a == b else [prefix]
 
 
 def run_finetune(
@@ -160,6 +145,7 @@ def run_finetune(
     allow_test_overlap: bool = False,
     allow_unknown_provenance: bool = False,
     allow_incomplete: bool = False,
+    overwrite: bool = False,
     device: str | None = None,
     progress: bool = True,
     callbacks: list[Any] | None = None,
@@ -171,7 +157,8 @@ def run_finetune(
         data: a dataset path (anything :func:`medcl.data.load_manifest` reads) or a manifest.
         out: the run folder.
         selection: explicit cases (the benchmark's); default from ``cfg.split``.
-        resume: continue from ``out/checkpoints/last.ckpt``.
+        resume: continue the run in ``out`` from its last checkpoint (same config).
+        overwrite: empty a non-empty ``out`` first (without ``resume`` or ``overwrite`` it is refused).
         allow_test_overlap, allow_unknown_provenance, allow_incomplete: accept an init checkpoint that saw test
             cases, that has no run record, or whose run did not finish (:func:`medcl.segment.init.accept_checkpoint`).
         device: ``auto``, ``cpu``, ``cuda`` or ``cuda:N``; ``None`` = the config's ``device``.
@@ -181,12 +168,18 @@ def run_finetune(
         cfg = copy.deepcopy(cfg)
         cfg.device = device
     device = cfg.device
+    prepare_run_folder(out, "finetune", resume=resume, overwrite=overwrite,
+                       inputs=[] if isinstance(data, Manifest) else [data])
     with torch_threads(cfg.threads):
         t0 = time.time()
         allow = {"allow_test_overlap": allow_test_overlap, "allow_unknown_provenance": allow_unknown_provenance,
                  "allow_incomplete": allow_incomplete}
         job = _prepare(cfg, data, Path(out), selection, resume, allow)
-        module, trainer = _train(job, device, progress, callbacks)
+        try:
+            module, trainer = _train(job, device, progress, callbacks)
+        except MedclInterrupted as exc:
+            job.folder.stopped_at(exc.step)
+            raise
         return _finish(job, module, trainer, device, t0)
 
 
@@ -267,7 +260,7 @@ def _prepare(cfg: FinetuneConfig, data: str | os.PathLike | Manifest, out: Path,
 def _train(job: _Job, device: str, progress: bool, callbacks: list[Any] | None) -> tuple[Any, Any]:
     """Train for ``trainer.max_steps`` steps on class-balanced patches (resumable); returns (module, trainer)."""
     from medcl.engine.stream import StreamLoader, StreamSampler
-    from medcl.engine.trainer import make_trainer, resolve_accelerator, use_channels_last
+    from medcl.engine.trainer import fit_or_interrupt, make_trainer, resolve_accelerator, use_channels_last
     from medcl.segment.data import PatchStream, build_augmentation
     from medcl.segment.module import SegmentationModule
 
@@ -298,7 +291,7 @@ def _train(job: _Job, device: str, progress: bool, callbacks: list[Any] | None) 
              f" (+{len(sel.validation)} for validation, inside the budget)" if sel.validation else "",
              labels.num_classes, cfg.trainer.max_steps, f"{init['checkpoint']} ({init['kind']})" if init else "random",
              cfg.optim.mode)
-    trainer.fit(module, train_dataloaders=loader, ckpt_path=str(job.last) if job.last is not None else None)
+    fit_or_interrupt(trainer, module, train_dataloaders=loader, ckpt_path=str(job.last) if job.last is not None else None)
     job.converged_at = stop.stopped_at if stop is not None else None
     if trainer.global_step < cfg.trainer.max_steps and job.converged_at is None:
         raise MedclDataError(job.out, f"training stopped at step {trainer.global_step} of {cfg.trainer.max_steps}")

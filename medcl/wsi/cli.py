@@ -75,6 +75,7 @@ def _register_tile(sub: argparse._SubParsersAction) -> None:
     _flag(p, TilingParams, "mpp_tolerance", "relative tolerance for matching a level's mpp", float)
     _flag(p, TilingParams, "thumbnail_size", "longest side of the tissue thumbnail", int)
     p.add_argument("--force", action="store_true", help="re-tile slides that are already done")
+    p.add_argument("--overwrite", action="store_true", help="empty --out first (a rerun otherwise skips done slides)")
     p.set_defaults(func=_run_tile, accepts_overrides=True)
 
 
@@ -99,6 +100,7 @@ def _register_extract(sub: argparse._SubParsersAction) -> None:
                    help="JSON dict of extra torchvision/timm constructor arguments (config key encoder_kwargs)")
     p.add_argument("--slide-dir", default=None, help="look for slides here when the recorded path moved")
     p.add_argument("--force", action="store_true", help="recompute slides that already have features")
+    p.add_argument("--overwrite", action="store_true", help="empty --out first (a rerun otherwise skips done slides)")
     p.set_defaults(func=_run_extract, accepts_overrides=True)
 
 
@@ -125,13 +127,15 @@ def _register_pretrain(sub: argparse._SubParsersAction) -> None:
     _flag(p, PretrainParams, "device", "cpu, cuda, cuda:1 or auto")
     _flag(p, PretrainParams, "threads", "torch CPU threads", int)
     p.add_argument("--slide-dir", default=None, help="look for slides here when the recorded path moved")
+    p.add_argument("--overwrite", action="store_true", help="empty a non-empty --out first (otherwise refused)")
     p.set_defaults(func=_run_pretrain, accepts_overrides=True)
 
 
 def _run_tile(args: argparse.Namespace) -> int:
     from medcl.wsi.tiling import tile_slides
 
-    summary = tile_slides(args.slides, args.out, _params(TilingParams, args), force=args.force)
+    summary = tile_slides(args.slides, args.out, _params(TilingParams, args), force=args.force,
+                          overwrite=args.overwrite)
     return 0 if any(r.status in ("done", "skipped") for r in summary) else 1
 
 
@@ -150,12 +154,14 @@ def _run_extract(args: argparse.Namespace) -> int:
         if not isinstance(kwargs, dict):
             raise MedclConfigError("encoder-kwargs", "must be a JSON object, e.g. '{\"init_values\": 1e-5}'")
         params = dataclasses.replace(params, encoder_kwargs=kwargs)
-    results = extract_features(args.tiles, args.out, params, slide_dir=args.slide_dir, force=args.force)
+    results = extract_features(args.tiles, args.out, params, slide_dir=args.slide_dir, force=args.force,
+                               overwrite=args.overwrite)
     return 1 if any(r.status == "failed" for r in results) else 0
 
 
 def _run_pretrain(args: argparse.Namespace) -> int:
     from medcl.wsi.pretrain_encoder import pretrain_encoder
 
-    pretrain_encoder(args.tiles, args.out, _params(PretrainParams, args), slide_dir=args.slide_dir)
+    pretrain_encoder(args.tiles, args.out, _params(PretrainParams, args), slide_dir=args.slide_dir,
+                     overwrite=args.overwrite)
     return 0

@@ -35,7 +35,7 @@ from medcl.core.device import resolve_device, torch_threads
 from medcl.core.errors import MedclDataError
 from medcl.core.files import atomic_path
 from medcl.core.record import RunRecord
-from medcl.core.runfolder import RunFolder
+from medcl.core.runfolder import RunFolder, prepare_run_folder
 from medcl.io.slide import Slide, open_slide
 from medcl.wsi.config import ExtractParams
 from medcl.wsi.tile_io import TileSet, find_h5, is_complete, load_tile_set
@@ -207,6 +207,7 @@ def extract_features(
     slide_dir: str | os.PathLike | None = None,
     force: bool = False,
     progress: bool = True,
+    overwrite: bool = False,
 ) -> list[ExtractResult]:
     """Extract features for every tile file in ``inputs`` (files or folders) into ``out_dir``.
 
@@ -226,11 +227,11 @@ def extract_features(
     if encoder is None:
         p.validate()
     dev = resolve_device(p.device)
-    out = Path(out_dir)
+    out = prepare_run_folder(out_dir, "wsi-features", overwrite=overwrite, rerun_resumes=True, inputs=inputs)
     files = find_h5(inputs)
     if not files:
         raise MedclDataError(", ".join(map(str, inputs)), "no tile files (.h5) found")
-    if out.exists() and any(f.parent.resolve() == out.resolve() for f in files):
+    if any(f.parent.resolve() == out.resolve() for f in files):
         raise MedclDataError(out, "the output folder holds the tile files: features and the run record would "
                                   "overwrite them; choose another --out")
     with torch_threads(p.threads):

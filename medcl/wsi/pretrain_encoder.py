@@ -136,6 +136,7 @@ def pretrain_encoder(
     params: PretrainParams | None = None,
     slide_dir: str | os.PathLike | None = None,
     progress: bool = True,
+    overwrite: bool = False,
 ) -> Path:
     """Pretrain the built-in CNN on the tiles of ``inputs`` (tile h5 files or folders); returns the
     checkpoint path (``out_dir/encoder.pt``).
@@ -145,9 +146,10 @@ def pretrain_encoder(
     """
     from medcl.core.device import resolve_device, torch_threads
     from medcl.core.record import RunRecord
-    from medcl.core.runfolder import RunFolder
+    from medcl.core.runfolder import RunFolder, prepare_run_folder
 
     t0 = time.perf_counter()
+    prepare_run_folder(out_dir, "mil-encoder", overwrite=overwrite, inputs=inputs)
     p = params or PretrainParams()
     p.validate()
     dev = resolve_device(p.device)

@@ -47,7 +47,7 @@ import numpy as np
 from medcl.core.errors import MedclDataError, MedclError
 from medcl.core.files import atomic_path, write_csv
 from medcl.core.record import RunRecord
-from medcl.core.runfolder import RunFolder
+from medcl.core.runfolder import RunFolder, prepare_run_folder
 from medcl.io.slide import SLIDE_EXTENSIONS, Slide, open_slide, slide_id_from_path
 from medcl.wsi.config import TilingParams
 from medcl.wsi.tile_io import TileSet, find_h5, is_complete, load_tile_set, write_tiles_h5
@@ -244,6 +244,7 @@ def tile_slides(
     force: bool = False,
     progress: bool = True,
     verbose: bool = True,
+    overwrite: bool = False,
 ) -> list[TileResult]:
     """Tile a batch of slides; a bad slide is reported and skipped, never stops the batch.
 
@@ -254,7 +255,7 @@ def tile_slides(
 
     params = params or TilingParams()
     params.validate()
-    out = Path(out_dir)
+    out = prepare_run_folder(out_dir, "wsi-tiles", overwrite=overwrite, rerun_resumes=True, inputs=inputs)
     slides, results = find_slides(inputs)
     if not slides and not results:
         raise MedclDataError(", ".join(map(str, inputs)), f"no slide files found (endings: {', '.join(SLIDE_EXTENSIONS)})")
