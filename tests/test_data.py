@@ -265,7 +265,7 @@ def test_disk_cache_second_pass_decodes_nothing(phantom_ds, tmp_path, monkeypatc
     from medcl.data.blobfile import read_blob
 
     blob = read_blob(ds.cache_path(0))
-    assert blob["id"] == m.cases[0].id and ds.cache_path(0).read_bytes()[:8] == b"MEDCLB1\n"
+    assert blob["id"] == m.cases[0].id and ds.cache_path(0).read_bytes()[:8] == b"MEDCLB2\n"
     # a cached item still inverts to the original grid exactly
     lab0 = medcl.io.read_volume(m.cases[0].label, is_label=True)
     back = invert_to_original(second[0]["label"], second[0], plan)
@@ -364,6 +364,75 @@ def test_csv_manifest(tmp_path):
     dup.write_text("image\nimg/p1_0.nii.gz\nimg/p1_0.nii.gz\n")
     with pytest.raises(MedclDataError, match="duplicate case ids"):
         load_manifest(dup)
+
+
+def test_csv_split_values_are_checked(tmp_path):
+    """A typo in ``split`` ('tset') must not silently train on the intended test cases."""
+    for c in ("a", "b", "c"):
+        _vol(tmp_path / f"{c}.nii.gz", seed=ord(c))
+    csv_path = tmp_path / "cases.csv"
+    csv_path.write_text("image,split\na.nii.gz,train\nb.nii.gz,tset\nc.nii.gz,test\n")
+    with pytest.raises(MedclDataError) as info:
+        load_manifest(csv_path)
+    err = info.value
+    assert err.path == str(csv_path)
+    for words in ("line 3", "'tset'", "'train'", "'test'", "case-insensitive"):
+        assert words in err.problem, (words, err.problem)
+    # case and surrounding blanks do not matter; the value is stored in lower case; empty means no split
+    csv_path.write_text("image,split\na.nii.gz,TRAIN\nb.nii.gz, Test \nc.nii.gz,\n")
+    assert [c.split for c in load_manifest(csv_path).cases] == ["train", "test", None]
+    # 'val' is not a split medcl knows: such a case would be trained on
+    csv_path.write_text("image,split\na.nii.gz,train\nb.nii.gz,val\n")
+    with pytest.raises(MedclDataError, match=r"cases\.csv: line 3: unknown split 'val'"):
+        load_manifest(csv_path)
+
+
+def _int_vol(path: Path, shape=(6, 5, 4)) -> Path:
+    """An integer-valued image (CT-like): it also reads as a label map, so a label that is this very file would
+    be trained on silently."""
+    arr = np.arange(int(np.prod(shape)), dtype=np.int16).reshape((1, *shape)) - 100
+    write_nifti(Volume(arr, np.eye(4)), path)
+    return path
+
+
+def test_label_that_is_its_own_image_is_refused(tmp_path):
+    img = _int_vol(tmp_path / "a.nii.gz")
+    _int_vol(tmp_path / "b.nii.gz")
+    _vol(tmp_path / "lab_b.nii.gz", shape=(6, 5, 4), label=True)
+    # the same path twice in a CSV, spelt differently
+    csv_path = tmp_path / "cases.csv"
+    csv_path.write_text("image,label\nb.nii.gz,lab_b.nii.gz\na.nii.gz,./sub/../a.nii.gz\n")
+    (tmp_path / "sub").mkdir()
+    with pytest.raises(MedclDataError) as info:
+        load_manifest(csv_path)
+    assert info.value.path == str(csv_path) and "line 3" in info.value.problem
+    assert "a.nii.gz" in info.value.problem and "same file" in info.value.problem
+    # a hard link is the same file too
+    os.link(img, tmp_path / "a_label.nii.gz")
+    csv_path.write_text("image,label\na.nii.gz,a_label.nii.gz\n")
+    with pytest.raises(MedclDataError, match=r"line 2: .*a_label\.nii\.gz.* same file .*a\.nii\.gz"):
+        load_manifest(csv_path)
+    # a labels/ folder that is a link back to images/
+    (tmp_path / "ds" / "images").mkdir(parents=True)
+    _int_vol(tmp_path / "ds" / "images" / "x.nii.gz")
+    (tmp_path / "ds" / "labels").symlink_to("images", target_is_directory=True)
+    for where in (tmp_path / "ds" / "images", tmp_path / "ds"):
+        with pytest.raises(MedclDataError, match=r"labels.* is the images folder .*images"):
+            load_manifest(where)
+    # an MSD dataset.json whose label is its image
+    msd = tmp_path / "msd"
+    _int_vol(msd / "imagesTr" / "m.nii.gz")
+    (msd / "dataset.json").write_text(json.dumps({
+        "modality": {"0": "CT"}, "labels": {"0": "background"}, "numTraining": 1,
+        "training": [{"image": "./imagesTr/m.nii.gz", "label": "./imagesTr/m.nii.gz"}]}))
+    with pytest.raises(MedclDataError, match=r"case 'm': label .*imagesTr/m\.nii\.gz is the same file as its image"):
+        load_manifest(msd)
+    # and a manifest built in code: load_case refuses it too
+    from medcl.data import Case, Manifest
+
+    m = Manifest([Case("a", [str(img)], str(tmp_path / "a_label.nii.gz"))], ["0"], None, "csv", str(tmp_path))
+    with pytest.raises(MedclDataError, match="same file as its image"):
+        load_case(m.cases[0], m)
 
 
 def test_msd_manifest_with_4d_two_modality_images(tmp_path):

@@ -169,8 +169,58 @@ def test_info_on_a_file_and_a_bad_file(tmp_path, capsys):
     assert info["format"] == "nifti" and np.allclose(info["affine"], aff) and info["problems"] == []
     assert "LAS" in capsys.readouterr().out
     (tmp_path / "bad.nii").write_bytes(b"\x00" * 40)
-    assert main(["data", "info", str(tmp_path / "bad.nii"), "--json", str(tmp_path / "b.json")]) == 1
+    assert main(["data", "info", str(tmp_path / "bad.nii"), "--json", str(tmp_path / "b.json")]) == 2
     assert json.loads((tmp_path / "b.json").read_text())["problems"][0]["path"].endswith("bad.nii")
+    # an unreadable volume is one error line on stderr, as for every other command
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and err[0].startswith("medcl: error: ") and "bad.nii: unreadable NIfTI" in err[0]
+
+
+def _sform_qform(path: Path, dz: float = 2.5) -> Path:
+    """sform (code 1) ``dz`` mm above the qform (code 1)."""
+    img = nib.Nifti1Image(np.random.default_rng(0).normal(size=(6, 5, 4)).astype(np.float32), None)
+    img.set_qform(np.eye(4), code=1)
+    sform = np.eye(4)
+    sform[2, 3] = dz
+    img.set_sform(sform, code=1)
+    nib.save(img, str(path))
+    return path
+
+
+def test_check_and_info_report_disagreeing_sform_and_qform(tmp_path, capsys):
+    folder = tmp_path / "ds"
+    folder.mkdir()
+    _image(folder / "ok.nii.gz", shape=(6, 5, 4))
+    bad = _sform_qform(folder / "moved.nii.gz")
+    rc = main(["data", "check", str(folder), "--json", str(tmp_path / "r.json")])
+    out = capsys.readouterr().out
+    assert rc == 1
+    report = json.loads((tmp_path / "r.json").read_text())
+    assert [(Path(p["path"]).name, p["case"]) for p in report["problems"]] == [("moved.nii.gz", "moved")]
+    line = next(ln for ln in out.splitlines() if "moved.nii.gz:" in ln)
+    assert "sform and qform disagree" in line and "2.5 mm" in line and "medcl uses the sform" in line
+    # info describes the file (it is readable) and shows the disagreement
+    assert main(["data", "info", str(bad), "--json", str(tmp_path / "i.json")]) == 0
+    out = capsys.readouterr().out
+    assert "warning" in out and "sform and qform disagree" in out and "2.5 mm" in out
+    info = json.loads((tmp_path / "i.json").read_text())
+    assert info["problems"] == [] and "sform and qform disagree" in info["warnings"][0]["problem"]
+    # the file still trains: reading is deterministic (sform)
+    from medcl.data import load_case, load_manifest
+
+    m = load_manifest(bad)
+    image, _ = load_case(m.cases[0], m)
+    assert image.affine[2, 3] == 2.5
+
+
+def test_check_refuses_a_csv_with_an_unknown_split(tmp_path, capsys):
+    _image(tmp_path / "a.nii.gz")
+    _image(tmp_path / "b.nii.gz")
+    (tmp_path / "list.csv").write_text("image,split\na.nii.gz,train\nb.nii.gz,tset\n")
+    rc = main(["data", "check", str(tmp_path / "list.csv"), "--no-progress"])
+    out = capsys.readouterr().out
+    assert rc == 1 and "no problems found" not in out
+    assert "list.csv: line 3: unknown split 'tset'" in out
 
 
 def test_check_hippocampus_lists_60_clean_cases(shared_data, tmp_path, capsys):

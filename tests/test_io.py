@@ -385,6 +385,48 @@ def test_dicom_single_slice_empty_folder_and_truncated_pixels(tmp_path):
     assert "DICOM" in info.value.problem
 
 
+def _set_rescale(path: Path, **values: str) -> None:
+    """Rewrite RescaleSlope / RescaleIntercept of one written slice (values as the DS strings to store)."""
+    import warnings
+
+    ds = dcmread(path)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # pydicom warns about 'nan' / 'inf', which is what the test wants
+        for key, value in values.items():
+            setattr(ds, key, value)
+    ds.save_as(path)
+
+
+def test_dicom_rescale_per_slice_is_applied_per_slice(tmp_path):
+    """Different slopes / intercepts per slice are legal DICOM and must be applied slice by slice."""
+    _write_series(tmp_path / "s", 4, rows=4, cols=4, slope=1.0, intercept=0.0)
+    _set_rescale(tmp_path / "s" / "slice_001.dcm", RescaleSlope="2", RescaleIntercept="-1024")
+    _set_rescale(tmp_path / "s" / "slice_003.dcm", RescaleSlope="0.5", RescaleIntercept="10")
+    vol = read_volume(tmp_path / "s")
+    for k, (slope, intercept) in enumerate([(1, 0), (2, -1024), (1, 0), (0.5, 10)]):
+        assert np.array_equal(vol.array[0, :, :, k], _slice_pixels(k, 4, 4).T * slope + intercept), k
+    assert vol.meta["rescale_slope"] == "per slice" and vol.meta["rescale_intercept"] == "per slice"
+
+
+@pytest.mark.parametrize(
+    "values,words",
+    [
+        ({"RescaleSlope": "0"}, "RescaleSlope 0"),
+        ({"RescaleSlope": "nan"}, "RescaleSlope nan"),
+        ({"RescaleSlope": "-inf"}, "RescaleSlope -inf"),
+        ({"RescaleIntercept": "inf"}, "RescaleIntercept inf"),
+    ],
+    ids=["slope0", "slope_nan", "slope_inf", "intercept_inf"],
+)
+def test_dicom_zero_or_non_finite_rescale_names_the_slice(tmp_path, values, words):
+    _write_series(tmp_path / "s", 4, rows=4, cols=4, slope=2.0, intercept=-5.0)
+    _set_rescale(tmp_path / "s" / "slice_002.dcm", **values)
+    for kw in ({}, {"is_label": True}):
+        with pytest.raises(MedclDataError) as info:
+            read_volume(tmp_path / "s", **kw)
+        assert info.value.path.endswith("slice_002.dcm") and words in info.value.problem, info.value
+
+
 # ----------------------------------------------------------------------------------------------------
 # NIfTI and ITK files: bad input
 
@@ -526,6 +568,37 @@ def test_nifti_exact_copy_ignored_when_sform_edited_elsewhere_and_shear_kept(tmp
     write_nifti(Volume(np.zeros((1, 4, 4, 4), np.float32), sheared), tmp_path / "s.nii.gz")
     assert np.array_equal(read_volume(tmp_path / "s.nii.gz").affine, sheared)
     assert int(nib.load(str(tmp_path / "s.nii.gz")).header["qform_code"]) == 0  # a quaternion cannot shear
+
+
+def _sform_qform_file(path: Path, shift=(0.0, 0.0, 3.0)) -> tuple[np.ndarray, np.ndarray]:
+    """A NIfTI whose sform (code 1) is ``shift`` mm off its qform (code 1): what a registration tool that updates
+    only the sform leaves behind."""
+    qform = np.diag([1.0, 1.0, 2.0, 1.0])
+    qform[:3, 3] = [-4.0, 5.0, 6.0]
+    sform = qform.copy()
+    sform[:3, 3] += shift
+    img = nib.Nifti1Image(np.ones((4, 5, 6), np.float32), None)
+    img.set_qform(qform, code=1)
+    img.set_sform(sform, code=1)
+    nib.save(img, str(path))
+    return sform, qform
+
+
+def test_nifti_sform_qform_disagreement_is_read_with_the_sform_and_recorded(tmp_path):
+    sform, qform = _sform_qform_file(tmp_path / "two.nii.gz")
+    vol = read_volume(tmp_path / "two.nii.gz")  # not refused: nibabel's (and medcl's) choice is deterministic
+    assert np.allclose(vol.affine, sform) and vol.meta["affine_source"] == "sform"
+    assert vol.meta["sform_qform_diff_mm"] == pytest.approx(3.0, abs=1e-4)
+    assert "qform" in vol.meta["transform_warning"] and "3 mm" in vol.meta["transform_warning"]
+    # agreeing transforms (what write_nifti stores, float32 quaternion included) carry no warning
+    write_nifti(Volume(np.zeros((1, 4, 4, 4), np.float32), _oblique_affine()), tmp_path / "ok.nii.gz")
+    ok = read_volume(tmp_path / "ok.nii.gz")
+    assert ok.meta["sform_qform_diff_mm"] < 1e-3 and "transform_warning" not in ok.meta
+    # only one transform set: nothing to compare
+    img = nib.Nifti1Image(np.ones((4, 4, 4), np.float32), np.eye(4))
+    img.set_qform(None, code=0)
+    nib.save(img, str(tmp_path / "one.nii.gz"))
+    assert "sform_qform_diff_mm" not in read_volume(tmp_path / "one.nii.gz").meta
 
 
 def test_write_nifti_stores_int64_and_bool_compactly(tmp_path):

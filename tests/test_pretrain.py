@@ -194,3 +194,44 @@ def test_two_process_ddp_matches_one_process(phantoms, tmp_path):
     for k in a:
         if k.startswith("backbone.") or k.startswith("terms."):
             assert torch.allclose(a[k], b[k], atol=1e-5), f"{k} differs between DDP and one process"
+
+
+def test_sigterm_writes_a_checkpoint_exits_143_and_resumes_exactly(phantoms, tmp_path, capsys):
+    """SIGTERM (SLURM time limits, docker stop): exit 143, a checkpoint at the step reached, record.json
+    incomplete; fine-tuning from the half-trained run is refused naming --allow-incomplete; --resume finishes with
+    the weights of an uninterrupted run."""
+    from medcl.cli import main
+
+    steps = 10
+    full = run_pretrain(CONFIGS / "gd.yaml", phantoms, tmp_path / "full", overrides=RESUME, max_steps=steps,
+                        progress=False)
+    run = tmp_path / "term"
+    cmd = [sys.executable, "-m", "medcl.cli", "pretrain", "--config", str(CONFIGS / "gd.yaml"), "--data", str(phantoms),
+           "--out", str(run), "--max-steps", str(steps), "--no-progress", *RESUME]
+    env = {**os.environ, "PYTHONPATH": str(ROOT), "OMP_NUM_THREADS": "1"}
+    proc = subprocess.Popen(cmd, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, start_new_session=True)
+    deadline = time.time() + 240
+    while not (run / "checkpoints" / "step=2.ckpt").exists() and proc.poll() is None and time.time() < deadline:
+        time.sleep(0.05)
+    assert proc.poll() is None, f"the run ended before SIGTERM: {proc.stderr.read().decode()[-2000:]}"
+    proc.send_signal(signal.SIGTERM)  # the main process only, as SLURM and docker do
+    rc = proc.wait(timeout=120)
+    err = proc.stderr.read().decode()
+    assert rc == 143, err[-2000:]
+    assert "stopped by SIGTERM at step" in err and "Traceback" not in err
+    ck = safe_torch_load(run / "checkpoints" / "last.ckpt")
+    record = json.loads((run / "record.json").read_text())
+    assert 2 <= ck["global_step"] < steps and ck["medcl_record"]["complete"] is False
+    assert record["complete"] is False and record["step"] == ck["global_step"]
+    assert not (run / "backbone.pt").exists()
+    # the half-trained run is refused as an init, naming the step and the flag
+    rc = main(["finetune", "--data", str(phantoms), "--out", str(tmp_path / "ft"), "--init", str(run),
+               "--labelled", "2", "--max-steps", "1", "--device", "cpu"])
+    line = capsys.readouterr().err.strip().splitlines()
+    assert rc == 2 and len(line) == 1 and "--allow-incomplete" in line[0] and f"step {ck['global_step']}" in line[0]
+    run_pretrain(None, phantoms, run, resume=True, progress=False)
+    a, b = _state(full), _state(run)
+    assert a.keys() == b.keys()
+    for k in a:
+        assert torch.equal(a[k], b[k]), f"{k} differs after the SIGTERM resume"
+    assert json.loads((run / "record.json").read_text())["complete"] is True

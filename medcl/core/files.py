@@ -26,11 +26,23 @@ from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
+from medcl.core.errors import MedclDataError
+
 __all__ = ["TMP_GLOB", "atomic_path", "atomic_write_bytes", "atomic_write_text", "atomic_write_json", "write_csv",
            "csv_cell"]
 
 TMP_GLOB = ".*.tmp*"
 """Glob of the temporary files :func:`atomic_path` stages (left behind only by a kill)."""
+
+
+def _file_mode() -> int:
+    mask = os.umask(0)
+    os.umask(mask)
+    return 0o666 & ~mask
+
+
+_FILE_MODE = _file_mode()
+"""Permissions of a new file under this process's umask (what ``open(path, "w")`` would give)."""
 
 
 def _fsync_dir(folder: Path) -> None:
@@ -55,26 +67,40 @@ def atomic_path(path: str | os.PathLike, suffix: str = "") -> Iterator[Path]:
         suffix: the end of the temporary name, for writers that infer the format from it (nibabel needs
             ``.nii.gz``, PIL ``.png``): the temporary file is ``.{name}.{random}.tmp{suffix}``.
 
-    On an exception inside the block the temporary file is removed and the exception propagates; ``path`` keeps
-    its old content (or stays absent).
+    On an exception inside the block the temporary file is removed and the exception propagates (an
+    :class:`OSError` -- a full disk, a read-only folder -- as a :class:`MedclDataError` naming ``path``); ``path``
+    keeps its old content (or stays absent).
     """
     target = Path(path)
-    target.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp_name = tempfile.mkstemp(prefix=f".{target.name}.", suffix=f".tmp{suffix}", dir=target.parent)
+    try:
+        target.parent.mkdir(parents=True, exist_ok=True)
+        fd, tmp_name = tempfile.mkstemp(prefix=f".{target.name}.", suffix=f".tmp{suffix}", dir=target.parent)
+    except OSError as exc:
+        raise MedclDataError(target, f"cannot write here ({_reason(exc)})") from exc
     os.close(fd)
     tmp = Path(tmp_name)
+    os.chmod(tmp, _FILE_MODE)  # mkstemp makes 0600 files; outputs get the usual permissions
     try:
         yield tmp
         with open(tmp, "rb+") as f:
             os.fsync(f.fileno())
         os.replace(tmp, target)
         _fsync_dir(target.parent)
-    except BaseException:
+    except BaseException as exc:
         try:
             tmp.unlink()
-        except FileNotFoundError:
+        except OSError:
             pass
+        if isinstance(exc, OSError):  # a full disk, a read-only folder...: one line naming the file
+            raise MedclDataError(target, f"cannot write ({_reason(exc)}); nothing was written there") from exc
         raise
+
+
+def _reason(exc: OSError) -> str:
+    import errno
+
+    name = errno.errorcode.get(exc.errno or 0, "")
+    return f"{exc.strerror or exc}{f', {name}' if name else ''}"
 
 
 def atomic_write_bytes(data: bytes, path: str | os.PathLike) -> None:

@@ -1,8 +1,10 @@
 """A pickle-free file of JSON plus raw tensor bytes: the on-disk form of a cached case.
 
-Layout: the 8-byte magic ``MEDCLB1\\n``, the header length (8 bytes, little-endian), the header (UTF-8
+Layout: the 8-byte magic ``MEDCLB2\\n``, the header length (8 bytes, little-endian), the header (UTF-8
 JSON: the object with every tensor replaced by ``{"__tensor__": i}``, and per tensor its dtype, shape,
-byte offset and length), then the tensors' bytes, each aligned to 64 bytes. Reading is one ``read``, one
+byte offset, length and CRC-32), then the tensors' bytes, each aligned to 64 bytes. The checksums catch a file
+altered at the same size (a cache keyed by size and time stamp would otherwise trust it); version-1 files
+(``MEDCLB1``, no checksums) are refused as foreign and rebuilt by the cache. Reading is one ``read``, one
 ``json.loads`` and a ``torch.frombuffer`` per tensor: no unpickler at all (nothing in the file can
 run code, which is stricter than ``torch.load(weights_only=True)``) and no zip archive to parse, which is
 what made a cached read of a small volume cost as much as decoding it.
@@ -15,6 +17,7 @@ from __future__ import annotations
 
 import json
 import struct
+import zlib
 from pathlib import Path
 from typing import Any
 
@@ -24,7 +27,7 @@ from medcl.core.files import atomic_path
 
 __all__ = ["write_blob", "read_blob"]
 
-MAGIC = b"MEDCLB1\n"
+MAGIC = b"MEDCLB2\n"
 _ALIGN = 64
 
 
@@ -56,8 +59,9 @@ def write_blob(obj: Any, path: str | Path) -> None:
     specs, offset = [], 0
     for t in tensors:
         nbytes = t.numel() * t.element_size()
+        crc = zlib.crc32(t.reshape(-1).view(torch.uint8).numpy()) if t.numel() else 0  # no copy: a buffer view
         specs.append({"dtype": str(t.dtype).removeprefix("torch."), "shape": list(t.shape), "offset": offset,
-                      "nbytes": nbytes})
+                      "nbytes": nbytes, "crc32": crc})
         offset += -(-nbytes // _ALIGN) * _ALIGN
     header = json.dumps({"object": skeleton, "tensors": specs}).encode()
     with atomic_path(path) as tmp, open(tmp, "wb") as f:
@@ -91,6 +95,8 @@ def read_blob(path: str | Path) -> Any:
         lo, nbytes = base + spec["offset"], spec["nbytes"]
         if lo + nbytes > len(data):
             raise ValueError("truncated tensor data")
+        if zlib.crc32(memoryview(data)[lo : lo + nbytes]) != spec.get("crc32"):
+            raise ValueError("checksum mismatch: the file was altered or damaged")
         count = nbytes // torch.empty((), dtype=dtype).element_size()
         t = torch.frombuffer(data, dtype=dtype, count=count, offset=lo) if count else torch.empty(0, dtype=dtype)
         tensors.append(t.reshape(spec["shape"]).clone())

@@ -14,7 +14,7 @@ import numpy as np
 import medcl.io as mio
 from medcl.core.errors import MedclDataError
 from medcl.core.geometry import Volume
-from medcl.data.manifest import Case, Manifest
+from medcl.data.manifest import Case, Manifest, label_is_an_image
 
 __all__ = ["AFFINE_TOL_MM", "inspect_case", "load_case", "read_channels"]
 
@@ -57,14 +57,19 @@ def _affine_diff(a: np.ndarray, b: np.ndarray) -> float:
 
 
 def inspect_case(
-    case: Case, manifest: Manifest, *, with_label: bool = True
+    case: Case, manifest: Manifest, *, with_label: bool = True, warnings: list[tuple[str, str]] | None = None
 ) -> tuple[Volume | None, Volume | None, list[tuple[str, str]]]:
     """Read a case and collect *every* problem instead of stopping at the first.
 
+    Args:
+        warnings: when given, ``(path, problem)`` pairs that do not stop training but that ``medcl data
+            check`` reports are appended to it: a NIfTI whose sform and qform disagree (read with the sform;
+            ITK-based tools may use the qform).
+
     Returns:
         ``(image, label, problems)``: ``image`` ``[C, X, Y, Z]`` float32 with all channels (``None`` when
-        a channel could not be read), ``label`` ``[1, X, Y, Z]`` integer (``None`` when absent, unreadable
-        or not asked for), and ``(path, problem)`` pairs.
+        a channel could not be read), ``label`` ``[1, X, Y, Z]`` integer (``None`` when absent, unreadable,
+        the image's own file, or not asked for), and ``(path, problem)`` pairs.
     """
     problems: list[tuple[str, str]] = []
     n_declared = len(manifest.channel_names)
@@ -89,7 +94,10 @@ def inspect_case(
                 problems.append((case.images[0], f"has {c} channel{'s' * (c != 1)} but the dataset has "
                                                  f"{n_declared}{named}"))
     label: Volume | None = None
-    if with_label and case.label is not None:
+    twin = label_is_an_image(case) if with_label else None
+    if twin is not None:
+        problems.append((str(case.label), f"label is the same file as its image {twin}"))
+    elif with_label and case.label is not None:
         try:
             label = mio.read_volume(case.label, is_label=True)
         except MedclDataError as exc:
@@ -106,6 +114,10 @@ def inspect_case(
             if extra:
                 problems.append((case.label, f"label values {extra} outside the declared set "
                                              f"{sorted(manifest.labels)}"))
+    if warnings is not None:
+        for v in [*vols, *([label] if label is not None else [])]:
+            if v.meta.get("transform_warning"):
+                warnings.append((v.path, str(v.meta["transform_warning"])))
     return image, label, problems
 
 
@@ -114,8 +126,9 @@ def load_case(case: Case, manifest: Manifest, *, with_label: bool = True) -> tup
 
     Checks: every channel file readable (3D, finite), all channel files of the case the same shape and
     affine, the channel count equal to ``manifest.channel_names``; the label (if any, and if
-    ``with_label``) the same shape as the image, its affine equal to 1e-3 mm, its values within
-    ``manifest.labels``.
+    ``with_label``) another file than the image, the same shape as the image, its affine equal to 1e-3 mm,
+    its values within ``manifest.labels``. A NIfTI whose sform and qform disagree is read (with the sform)
+    and not refused here; ``medcl data check`` reports it.
 
     Returns:
         ``(image, label)``: image ``[C, X, Y, Z]`` float32 with every channel, label ``[1, X, Y, Z]``

@@ -7,6 +7,10 @@ A report is a plain dict (written as JSON by the CLI)::
                 "intensity_range", "label_values", "problems": [{"path", "problem"}]}],
      "problems": [{"path", "problem", "case"}]}      # every problem: per case and of the manifest
 
+Besides what stops training (:func:`~medcl.data.cases.load_case`), a check reports what trains but may be
+wrong elsewhere: a NIfTI whose sform and qform disagree by more than 1e-3 mm (medcl uses the sform; ITK-based
+tools may use the qform).
+
 Nothing stops at the first problem: a broken manifest is one problem, a broken case is listed with its
 problems and the scan goes on.
 """
@@ -25,6 +29,8 @@ from medcl.core.geometry import Volume
 __all__ = ["check_dataset", "inspect_volume", "format_report", "format_info"]
 
 _MAX_LABEL_VALUES = 64
+# meta keys of a readable volume that ``data check`` reports as problems and ``data info`` shows as warnings
+_WARNING_KEYS = ("transform_warning",)
 
 
 def _geometry(vol: Volume) -> dict[str, Any]:
@@ -81,7 +87,9 @@ def check_dataset(path: str | PathLike, *, progress: bool | None = None) -> dict
                                  "shape": None, "spacing": None, "orientation": None, "dtype": None,
                                  "channels": None, "intensity_range": None, "label_values": None}
         try:
-            image, label, problems = inspect_case(case, manifest)
+            warnings: list[tuple[str, str]] = []
+            image, label, problems = inspect_case(case, manifest, warnings=warnings)
+            problems += warnings  # e.g. sform/qform disagreement: trains, but a problem to report
             if image is not None:
                 entry.update(_geometry(image))
             if label is not None:
@@ -95,7 +103,11 @@ def check_dataset(path: str | PathLike, *, progress: bool | None = None) -> dict
 
 
 def inspect_volume(path: str | PathLike) -> dict[str, Any]:
-    """Describe one volume (file or DICOM folder): format, geometry, affine, intensities, problems."""
+    """Describe one volume (file or DICOM folder): format, geometry, affine, intensities, problems.
+
+    ``problems`` (the volume cannot be read) leaves the description out; ``warnings`` are facts about a
+    readable volume that ``data check`` reports as problems, e.g. a NIfTI whose sform and qform disagree.
+    """
     import medcl.io as mio
 
     info: dict[str, Any] = {"path": str(path), "format": None, "problems": []}
@@ -108,7 +120,9 @@ def inspect_volume(path: str | PathLike) -> dict[str, Any]:
     info.update(_geometry(vol))
     info["affine"] = [[float(x) for x in row] for row in vol.affine]
     info["label_values"] = _integer_values(vol.array) if vol.channels == 1 else None
-    info["meta"] = {k: v for k, v in vol.meta.items() if isinstance(v, str | int | float | bool)}
+    info["meta"] = {k: v for k, v in vol.meta.items()
+                    if isinstance(v, str | int | float | bool) and k not in _WARNING_KEYS}
+    info["warnings"] = [{"path": str(path), "problem": str(vol.meta[k])} for k in _WARNING_KEYS if vol.meta.get(k)]
     return info
 
 
@@ -168,6 +182,7 @@ def format_info(info: dict[str, Any]) -> str:
         if k in ("format", "dtype") or v == "":
             continue
         lines.append(f"{k:<12} {v}")
+    lines.extend(f"warning      {w['problem']}" for w in info.get("warnings", []))
     return "\n".join(lines)
 
 

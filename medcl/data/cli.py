@@ -3,7 +3,7 @@
 ::
 
     medcl data check PATH [--json FILE]           # exit 0 when clean, 1 when any problem was found
-    medcl data info FILE_OR_DICOM_DIR [--json FILE]
+    medcl data info FILE_OR_DICOM_DIR [--json FILE]  # exit 0 when readable (warnings shown), 2 when not
     medcl data phantoms OUT --n N --size S --seed K [--modality mri|ct]
 
 Heavy imports happen inside the handlers, so ``medcl --help`` stays fast.
@@ -72,13 +72,17 @@ def _cmd_check(args: argparse.Namespace) -> int:
 
 
 def _cmd_info(args: argparse.Namespace) -> int:
+    from medcl.core.errors import MedclDataError
     from medcl.data.check import format_info, inspect_volume, write_json
 
     info = inspect_volume(args.path)
-    print(format_info(info))
     if args.json_out:
         write_json(info, args.json_out)
-    return 1 if info["problems"] else 0
+    if info["problems"]:  # unreadable: one error line on stderr (``medcl.cli.main``), exit 2
+        first = info["problems"][0]
+        raise MedclDataError(first["path"], first["problem"])
+    print(format_info(info))
+    return 0
 
 
 def _cmd_phantoms(args: argparse.Namespace) -> int:

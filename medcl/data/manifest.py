@@ -29,6 +29,7 @@ it; the two ``dataset.json`` schemas live in :mod:`medcl.data.schemas`.
 from __future__ import annotations
 
 import csv
+import os
 import re
 from dataclasses import dataclass, field
 from os import PathLike
@@ -37,13 +38,16 @@ from pathlib import Path
 import medcl.io as mio
 from medcl.core.errors import MedclDataError
 
-__all__ = ["Case", "Manifest", "load_manifest", "case_id_from_path"]
+__all__ = ["SPLITS", "Case", "Manifest", "load_manifest", "case_id_from_path", "label_is_an_image"]
 
 VOLUME_SUFFIXES = (".nii.gz", ".nii", ".nrrd", ".nhdr", ".mha", ".mhd")
 # Files a folder scan passes over silently: sidecars (raw data of .mhd/.nhdr), documentation, manifests.
 _SIDECAR_SUFFIXES = (".raw", ".zraw", ".json", ".csv", ".md", ".txt", ".rst", ".yaml", ".yml", ".pdf")
 _CHANNEL_RE = re.compile(r"^(?P<case>.+)_(?P<ch>\d{4})$")
 _LABEL_DIRS = ("labels", "labelsTr")
+# The values of a CSV ``split`` column (compared case-insensitively, stored in lower case). Only "test" changes
+# what medcl does (such cases are never trained on); anything else would silently count as "train".
+SPLITS = ("train", "test")
 
 
 @dataclass
@@ -54,7 +58,7 @@ class Case:
         id: unique case id (file stem without the channel suffix, or the CSV ``id`` column).
         images: one file (or DICOM folder) per channel, or one 4D file holding every channel.
         label: the label file, or ``None`` for an unlabelled case.
-        split: ``"train"``, ``"test"``, ... when the manifest says so.
+        split: ``"train"`` or ``"test"`` when the manifest says so (:data:`SPLITS`), else ``None``.
         patient: patient id (CSV), to keep a patient's cases in one split.
         series_uid: the DICOM series to read when a folder holds several.
     """
@@ -143,6 +147,30 @@ def _resolve(root: Path, rel: str) -> str:
     return str(p if p.is_absolute() else (root / p))
 
 
+def _same_file(a: str, b: str) -> bool:
+    """``a`` and ``b`` are one file (same real path, or the same inode: a hard link)."""
+    try:
+        if os.path.samefile(a, b):
+            return True
+    except OSError:  # one does not exist (reported when the case is read)
+        pass
+    return os.path.realpath(a) == os.path.realpath(b)
+
+
+def label_is_an_image(case: Case) -> str | None:
+    """The image path of ``case`` that is the very file of its label (``None`` when none is)."""
+    if case.label is None:
+        return None
+    return next((p for p in case.images if _same_file(case.label, p)), None)
+
+
+def _check_labels_are_not_images(manifest: Manifest) -> None:
+    for c in manifest.cases:
+        if (twin := label_is_an_image(c)) is not None:
+            raise MedclDataError(manifest.source or manifest.root,
+                                 f"case '{c.id}': label {c.label} is the same file as its image {twin}")
+
+
 def _is_dicom_file(path: Path) -> bool:
     try:
         return mio.detect_format(path) == "dicom"
@@ -158,9 +186,17 @@ def load_manifest(path: str | PathLike) -> Manifest:
 
     Raises:
         MedclDataError: naming the file (and key) for a missing path, an unreadable or invalid
-            ``dataset.json`` / CSV, duplicate case ids, or a folder with nothing medcl can read.
+            ``dataset.json`` / CSV (a CSV ``split`` other than ``train`` / ``test``, any case), duplicate
+            case ids, a label that is the same file as its image (same real path or a hard link: a
+            ``labels/`` folder linked to ``images/``, one path given twice), or a folder with nothing medcl
+            can read.
     """
-    p = Path(path)
+    manifest = _load(Path(path))
+    _check_labels_are_not_images(manifest)
+    return manifest
+
+
+def _load(p: Path) -> Manifest:
     if not p.exists():
         raise MedclDataError(p, "does not exist")
     if p.is_dir():
@@ -189,6 +225,13 @@ def load_manifest(path: str | PathLike) -> Manifest:
 
 
 def _load_csv(path: Path) -> Manifest:
+    """Read a CSV manifest (header ``image[,label][,split][,patient][,id]``).
+
+    ``split`` is ``train``, ``test`` (:data:`SPLITS`) or empty, compared case-insensitively (``Test`` and
+    ``TRAIN`` are accepted and stored in lower case); any other value (a typo such as ``tset``, or ``val``,
+    which medcl does not use) is refused with the file, the line and the allowed values, since such a case
+    would silently be trained on. A label that is the same file as its image is refused too.
+    """
     root = path.parent
     allowed = {"image", "label", "split", "patient", "id"}
     try:
@@ -213,13 +256,23 @@ def _load_csv(path: Path) -> Manifest:
         if r == 2:
             n_channels = len(images)
         cid = row.get("id") or case_id_from_path(images[0])
-        cases.append(Case(
+        split = row.get("split") or None
+        if split is not None:
+            if split.lower() not in SPLITS:
+                raise MedclDataError(path, f"line {r}: unknown split {split!r} in column 'split'; allowed: "
+                                           f"{', '.join(repr(s) for s in SPLITS)} (case-insensitive), "
+                                           "or empty for none")
+            split = split.lower()
+        case = Case(
             id=cid,
             images=[_resolve(root, x) for x in images],
             label=_resolve(root, row["label"]) if row.get("label") else None,
-            split=row.get("split") or None,
+            split=split,
             patient=row.get("patient") or None,
-        ))
+        )
+        if (twin := label_is_an_image(case)) is not None:
+            raise MedclDataError(path, f"line {r}: label {case.label} is the same file as its image {twin}")
+        cases.append(case)
     _unique_ids(cases, path)
     return Manifest(cases, [str(i) for i in range(n_channels)], None, "csv", str(root), str(path))
 
@@ -233,6 +286,7 @@ def _load_folder(folder: Path) -> Manifest:
         if folder.name.lower().startswith("images"):
             label_dirs += [folder.parent / n for n in _LABEL_DIRS]
     label_dir = next((d for d in label_dirs if d.is_dir()), None)
+    _check_label_dirs(images_dir, [d for d in label_dirs if d.is_dir()])
     skip_dirs = {d.resolve() for d in label_dirs if d.is_dir()}
     problems: list[tuple[str, str]] = []
     volumes: list[Path] = []
@@ -295,6 +349,21 @@ def _load_folder(folder: Path) -> Manifest:
         raise MedclDataError(folder, "no volumes found (NIfTI, NRRD, MHA/MHD or DICOM series)")
     _unique_ids(cases, folder)
     return Manifest(cases, channel_names, None, "folder", str(images_dir), str(folder), problems)
+
+
+def _check_label_dirs(images_dir: Path, label_dirs: list[Path]) -> None:
+    """Refuse a labels folder that is (a link to) the images folder or one of its image subfolders."""
+    images = {images_dir.resolve(): images_dir}
+    with os.scandir(images_dir) as entries:
+        subdirs = [Path(e.path) for e in entries if not e.name.startswith(".") and e.is_dir()]
+    for f in subdirs:
+        if f not in label_dirs:
+            images.setdefault(f.resolve(), f)
+    for d in label_dirs:
+        other = images.get(d.resolve())
+        if other is not None:
+            raise MedclDataError(d, f"the labels folder is the images folder {other} (a link?): every label "
+                                    "would be its own image")
 
 
 def _pair_label(label_dir: Path | None, cid: str) -> str | None:

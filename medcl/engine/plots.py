@@ -24,11 +24,11 @@ def read_metrics_csv(path: str | Path) -> dict[str, list[tuple[float, float]]]:
             if step in ("", None):
                 continue
             for k, v in row.items():
-                if k in ("step", "epoch") or v in ("", None):
+                if k in ("step", "epoch", None) or v in ("", None):  # None: the extra fields of a malformed row
                     continue
                 try:
                     series.setdefault(k, []).append((float(step), float(v)))
-                except ValueError:
+                except (TypeError, ValueError):
                     continue
     return series
 

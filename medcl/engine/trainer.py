@@ -71,6 +71,18 @@ class TrainerConfig:
             raise MedclConfigError("trainer.devices", f"'auto' or a number of processes, got {self.devices!r}")
 
 
+def check_common(cfg: Any) -> None:
+    """The keys every job config has at its top: ``seed`` (>= 0), ``threads`` (>= 1 or null), ``device``."""
+    if getattr(cfg, "seed", 0) < 0:
+        raise MedclConfigError("seed", f"must be >= 0, got {cfg.seed}")
+    threads = getattr(cfg, "threads", None)
+    if threads is not None and threads < 1:
+        raise MedclConfigError("threads", f"must be >= 1 (or null: torch's default), got {threads}")
+    device = str(getattr(cfg, "device", "auto")).lower()
+    if device not in ("auto", "cpu", "cuda", "gpu") and not device.startswith("cuda:"):
+        raise MedclConfigError("device", f"expected auto, cpu, cuda or cuda:N, got {cfg.device!r}")
+
+
 def resolve_accelerator(device: str) -> str:
     """``auto | cpu | cuda | gpu`` -> Lightning accelerator name (:func:`medcl.core.device.lightning_accelerator`);
     errors when CUDA is asked but absent."""

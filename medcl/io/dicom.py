@@ -12,7 +12,9 @@ How a folder becomes a volume
    those positions, not from ``SliceThickness``; a step clearly larger than the median step is a missing
    slice; orientation, pixel spacing and matrix size must agree across slices.
 4. Pixels are decoded once per file (compressed transfer syntaxes through pydicom's decoders, e.g.
-   pylibjpeg-openjpeg for JPEG 2000) and ``RescaleSlope`` / ``RescaleIntercept`` are applied per slice.
+   pylibjpeg-openjpeg for JPEG 2000) and ``RescaleSlope`` / ``RescaleIntercept`` are applied per slice
+   (slices may declare different ones). A zero or non-finite slope, or a non-finite intercept, is an
+   error naming the slice's file.
 
 Geometry: the LPS affine has columns ``row * PixelSpacing[1]`` (array axis i = DICOM column index),
 ``col * PixelSpacing[0]`` (axis j = row index) and the slice step (axis k), and origin the position of
@@ -55,7 +57,8 @@ def _rel(folder: Path, path: Path) -> str:
 
 
 def _check_consistent(folder: Path, hs: list[SliceHeader]) -> None:
-    """Same matrix size, pixel spacing, orientation and samples in every slice; geometry present."""
+    """Same matrix size, pixel spacing, orientation and samples in every slice; geometry present; a valid
+    rescale in every slice (:func:`_check_rescale`)."""
     first = hs[0]
     for h in hs:
         for name, value in (
@@ -71,6 +74,7 @@ def _check_consistent(folder: Path, hs: list[SliceHeader]) -> None:
                 f"multi-frame DICOM ({h.frames} frames in one file) is not supported; "
                 "convert it to NIfTI first (e.g. dcm2niix)",
             )
+        _check_rescale(h)
     for h in hs[1:]:
         if (h.rows, h.cols) != (first.rows, first.cols) or h.samples != first.samples:
             raise MedclDataError(
@@ -91,6 +95,28 @@ def _check_consistent(folder: Path, hs: list[SliceHeader]) -> None:
                 f"inconsistent PixelSpacing across slices: {_rel(folder, first.path)} has "
                 f"{first.pixel_spacing.tolist()} but {_rel(folder, h.path)} has {h.pixel_spacing.tolist()}",
             )
+
+
+def _check_rescale(h: SliceHeader) -> None:
+    """A slice's ``RescaleSlope`` must be finite and non-zero, its ``RescaleIntercept`` finite.
+
+    Slopes and intercepts that differ between slices are legal (they are applied per slice); a zero slope
+    would turn the slice into a constant and a non-finite value every voxel into NaN/inf.
+    """
+    if not np.isfinite(h.slope) or h.slope == 0.0:
+        if h.slope == 0.0:
+            effect = "it turns every voxel of the slice into the intercept"
+        else:
+            effect = "it makes every voxel of the slice non-finite"
+        raise MedclDataError(
+            h.path, f"invalid RescaleSlope {h.slope:g}: it must be a finite, non-zero number ({effect})"
+        )
+    if not np.isfinite(h.intercept):
+        raise MedclDataError(
+            h.path,
+            f"invalid RescaleIntercept {h.intercept:g}: it must be a finite number "
+            "(it makes every voxel of the slice non-finite)",
+        )
 
 
 def _order_and_step(folder: Path, hs: list[SliceHeader]) -> tuple[list[SliceHeader], np.ndarray, dict]:

@@ -8,6 +8,11 @@ hence by nnU-Net and most viewers): NIfTI-1 stores ``srow`` as float32, so the e
 also stored as JSON in a ``comment`` header extension. :func:`read_nifti` uses that copy only when it
 rounds to the stored sform exactly, so a file re-oriented by another tool afterwards falls back to its
 own sform. Other readers see the float32 sform (about 1e-5 mm off at 100 mm).
+
+Reading uses the sform when its code is > 0, else the qform (nibabel's rule). A file whose sform and qform
+are both set but place the voxels more than 1e-3 mm apart is still read (with the sform): the choice is
+deterministic, but ITK-based tools may pick the qform, so ``meta["transform_warning"]`` says so and
+``medcl data check`` reports it as a problem (``medcl data info`` shows it).
 """
 
 from __future__ import annotations
@@ -27,6 +32,7 @@ from medcl.core.files import atomic_path
 _AFFINE_SOURCE = {True: "sform", False: "qform"}
 _EXACT_KEY = "medcl_affine_float64"  # JSON key of the exact-affine comment extension
 _NIFTI1_MAX_DIM = 32767  # NIfTI-1 stores dims as int16
+SFORM_QFORM_TOL_MM = 1e-3  # sform and qform placing a voxel further apart than this disagree
 
 
 def _reason(exc: BaseException) -> str:
@@ -104,7 +110,38 @@ def read_nifti(
         "qform_code": qform_code,
         "affine_source": source,
     }
+    if sform_code > 0 and qform_code > 0:
+        meta.update(sform_qform_mismatch(hdr, spatial))
     return data, affine, meta
+
+
+def sform_qform_mismatch(hdr: Any, spatial: tuple[int, ...]) -> dict[str, Any]:
+    """How far a header's sform and qform (both set) place the voxels apart.
+
+    Returns ``{"sform_qform_diff_mm": d}``, ``d`` the largest distance (mm) between where the two transforms
+    put a voxel centre of the grid (at a corner: the difference is affine), and, when ``d`` exceeds
+    :data:`SFORM_QFORM_TOL_MM`, ``"transform_warning"``: a sentence for ``medcl data check`` / ``info``.
+
+    Such a file is *not* refused: medcl (like nibabel) reads it with the sform, deterministically, while an
+    ITK-based tool may use the qform depending on the codes (SimpleITK does when ``sform_code`` is not 1), so
+    the same file lands ``d`` mm elsewhere there.
+    """
+    sform = np.asarray(hdr.get_sform(), dtype=np.float64)
+    qform = np.asarray(hdr.get_qform(), dtype=np.float64)
+    delta = sform - qform
+    extent = [max(int(n) - 1, 0) for n in (*spatial, 1, 1, 1)[:3]]
+    corners = np.array([[i, j, k, 1.0] for i in (0, extent[0]) for j in (0, extent[1]) for k in (0, extent[2])])
+    dist = float(np.linalg.norm(corners @ delta[:3].T, axis=1).max())
+    out: dict[str, Any] = {"sform_qform_diff_mm": dist}
+    if not np.isfinite(dist) or dist > SFORM_QFORM_TOL_MM:
+        origin = float(np.linalg.norm(delta[:3, 3]))
+        out["transform_warning"] = (
+            f"sform and qform disagree: voxel centres differ by up to {dist:.4g} mm (origin offset {origin:.4g} mm, "
+            f"largest matrix entry difference {float(np.abs(delta).max()):.4g}); medcl uses the sform, "
+            f"ITK-based tools may use the qform (sform_code {int(hdr['sform_code'])}, "
+            f"qform_code {int(hdr['qform_code'])})"
+        )
+    return out
 
 
 def _exact_affine(hdr: Any) -> np.ndarray | None:

@@ -176,14 +176,15 @@ def draw_heatmap(
     classes = [str(c) for c in info["classes"]]
     given = slide_id_from_path(slide)
     sid = str(bag.attrs.get("slide_id", given))
-    if sid != given:
+    if sid != given and not bag.attrs.get("slide_fingerprint"):  # with a fingerprint the drawing checks the slide
         warnings.warn(f"{features}: the feature file is for slide '{sid}', the slide given is '{given}'", stacklevel=2)
     kind = str(info.get("head", ""))
     name = instance_score_name(kind) if res.source == "instance_scores" else res.source
     if res.score_class is not None:
         name = f"{name} [class {classes[res.score_class]}]"
     title = f"{sid}: predicted {classes[res.predicted]} (p = {res.probs[res.predicted]:.2f}), {len(res.scores)} tiles"
-    grid = TileGrid(bag.coords, bag.tile_size_level0, bag.patch_level, bag.patch_size)
+    fp = bag.attrs.get("slide_fingerprint")
+    grid = TileGrid(bag.coords, bag.tile_size_level0, bag.patch_level, bag.patch_size, str(fp) if fp else None)
     drawn = draw_tile_scores(slide, grid, res.scores, out, score_name=name.replace("'", ""),
                              label=f"{kind or 'MIL'} {name}", title=title, geojson=geojson,
                              thumbnail_size=thumbnail_size, alpha=alpha, cmap=cmap, vmin=vmin, vmax=vmax,

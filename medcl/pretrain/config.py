@@ -15,7 +15,7 @@ from typing import ClassVar, Literal
 
 from medcl.core.errors import MedclConfigError
 from medcl.data.plan import PreprocessingPlan
-from medcl.engine.trainer import TrainerConfig
+from medcl.engine.trainer import TrainerConfig, check_common
 from medcl.models.backbone import BackboneConfig
 
 ViewKind = Literal["random", "partition", "position", "pair"]
@@ -193,6 +193,16 @@ class PretrainOptimConfig:
     min_lr_ratio: float = 0.01
     betas: tuple[float, float] = (0.9, 0.999)
 
+    def validate(self) -> None:
+        if not self.lr > 0:
+            raise MedclConfigError("optim.lr", f"must be > 0, got {self.lr}")
+        if self.weight_decay < 0 or self.lr_warmup_steps < 0:
+            raise MedclConfigError("optim", "weight_decay and lr_warmup_steps must be >= 0")
+        if not 0 <= self.min_lr_ratio <= 1:
+            raise MedclConfigError("optim.min_lr_ratio", f"must be in [0, 1], got {self.min_lr_ratio}")
+        if not all(0 <= b < 1 for b in self.betas):
+            raise MedclConfigError("optim.betas", f"must be in [0, 1), got {list(self.betas)}")
+
 
 @dataclass
 class EMAConfig:
@@ -200,6 +210,11 @@ class EMAConfig:
 
     momentum: float = 0.0
     final_momentum: float | None = None
+
+    def validate(self) -> None:
+        for key, v in (("ema.momentum", self.momentum), ("ema.final_momentum", self.final_momentum)):
+            if v is not None and not 0 <= v < 1:
+                raise MedclConfigError(key, f"must be in [0, 1), got {v}")
 
 
 @dataclass
@@ -257,6 +272,7 @@ class PretrainConfig:
     monitor: MonitorConfig = field(default_factory=MonitorConfig)
 
     def validate(self) -> None:
+        check_common(self)
         if not self.terms:
             raise MedclConfigError("terms", "a pretraining method needs at least one loss term")
         for name, term in self.terms.items():

@@ -19,6 +19,7 @@ from medcl.report.readers import (
     csv_table,
     draw_curves,
     embedded_record,
+    malformed_rows,
     read_json,
     read_png,
     read_series,
@@ -202,6 +203,9 @@ def add_step_metrics(sec: Section, name: str, plot: str | None, plot_keys: Calla
     if not p.is_file():
         return {}
     sec.shown.add(name)
+    bad = guard(sec, name, lambda: malformed_rows(p))
+    if bad:
+        sec.problems.append(bad)
     series = guard(sec, name, lambda: read_series(p)) or {}
     if series:
         table, problems = summarise_series(series, f"Per-step metrics ({name}, summarised)", direction)

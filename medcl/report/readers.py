@@ -115,6 +115,33 @@ def read_series(path: Path) -> dict[str, list[tuple[float, float]]]:
     return {k: sorted(v) for k, v in read_metrics_csv(path).items()}
 
 
+def malformed_rows(path: Path) -> str | None:
+    """A one-line description of the rows of a per-step metrics CSV that cannot be read (wrong number of fields,
+    a cell that is not a number, NUL bytes), or ``None`` when every row is well formed."""
+    text = read_text(path, limit=64 * 2**20) or ""
+    bad, first = 0, None
+    if "\x00" in text:
+        return f"{path.name}: holds NUL bytes (a damaged file); the readable rows are shown"
+    rows = list(csv.reader(text.splitlines()))
+    if not rows:
+        return None
+    width = len(rows[0])
+    for i, r in enumerate(rows[1:], start=2):
+        if not r:
+            continue
+        ok = len(r) == width
+        for cell in r if ok else ():
+            try:
+                if cell != "":
+                    float(cell)
+            except ValueError:
+                ok = False
+        if not ok:
+            bad += 1
+            first = first or i
+    return f"{path.name}: {bad} malformed row(s) (first at line {first}); the readable rows are shown" if bad else None
+
+
 def _fmt(v: float) -> str:
     return "" if v is None else f"{v:.6g}"
 

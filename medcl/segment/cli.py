@@ -110,6 +110,10 @@ def _register_predict(sub: argparse._SubParsersAction) -> None:
     tta = p.add_mutually_exclusive_group()
     tta.add_argument("--tta", dest="tta", action="store_true", default=None, help="mirror test-time augmentation")
     tta.add_argument("--no-tta", dest="tta", action="store_false", help="no test-time augmentation")
+    p.add_argument("--keep-going", action="store_true",
+                   help="when a volume fails, predict the others and report the failures at the end")
+    p.add_argument("--allow-incomplete", action="store_true",
+                   help="accept the checkpoint of a fine-tuning run that did not finish")
     p.add_argument("--probabilities", action="store_true",
                    help="also write OUT/{case}_probabilities.nii.gz ([X, Y, Z, K] float32, original grid)")
     p.add_argument("--device", default="auto", help="auto, cpu or cuda")
@@ -123,9 +127,9 @@ def _run_predict(args: argparse.Namespace) -> int:
 
     with torch_threads(args.threads):
         device = resolve_device(args.device)
-        model = load_model(args.ckpt, device=device)
+        model = load_model(args.ckpt, device=device, allow_incomplete=args.allow_incomplete)
         written = predict_to_folder(model, args.input, args.output, tta=args.tta, probabilities=args.probabilities,
-                                    device=device)
+                                    device=device, keep_going=args.keep_going)
     print(f"medcl predict: {len(written)} segmentation(s) in {args.output}")
     return 0
 

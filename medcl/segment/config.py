@@ -27,7 +27,7 @@ from dataclasses import dataclass, field
 from typing import Any, ClassVar, Literal
 
 from medcl.core.errors import MedclConfigError
-from medcl.engine.trainer import TrainerConfig
+from medcl.engine.trainer import TrainerConfig, check_common
 from medcl.models.backbone import BackboneConfig
 
 STAGE_GROUPS = ("encoder", "bottleneck", "decoder", "head")
@@ -326,3 +326,6 @@ class FinetuneConfig:
     @property
     def roi_size(self) -> tuple[int, int, int]:
         return tuple(self.inference.roi_size or self.sampling.patch_size)  # type: ignore[return-value]
+
+    def validate(self) -> None:
+        check_common(self)

@@ -28,7 +28,7 @@ from medcl.data.transforms import volume_to_metatensor
 from medcl.models import Backbone, BackboneConfig, build_backbone, load_backbone
 from medcl.segment.config import InferenceConfig
 from medcl.segment.inference import LogitsFn, logits_fn, predict_probabilities
-from medcl.segment.init import read_checkpoint
+from medcl.segment.init import accept_checkpoint, read_checkpoint
 
 log = logging.getLogger(__name__)
 
@@ -59,7 +59,8 @@ class SegmentationModel:
     path: Path
 
 
-def load_model(path: str | os.PathLike, device: str | torch.device = "cpu") -> SegmentationModel:
+def load_model(path: str | os.PathLike, device: str | torch.device = "cpu", allow_incomplete: bool = False
+               ) -> SegmentationModel:
     """Read a fine-tuning checkpoint (``model.pt``, a Lightning ``.ckpt`` of ``medcl finetune``, or its run folder).
 
     Raises:
@@ -67,6 +68,8 @@ def load_model(path: str | os.PathLike, device: str | torch.device = "cpu") -> S
             or weights that do not fill the network.
     """
     ckpt = read_checkpoint(path)
+    if ckpt.record is not None:
+        accept_checkpoint(ckpt, allow_incomplete=allow_incomplete)  # a half-trained model is refused
     if ckpt.record is None:
         raise MedclDataError(ckpt.path, "no run record (medcl_record) in this checkpoint: prediction needs the "
                                         "preprocessing plan it stores")
@@ -117,6 +120,28 @@ def label_dtype(num_classes: int) -> np.dtype:
     return np.dtype(np.uint8) if num_classes <= 256 else np.dtype(np.int16)
 
 
+def _same_file(a: Path, b: Path) -> bool:
+    try:
+        return a.exists() and b.exists() and (os.path.samefile(a, b) or a.resolve() == b.resolve())
+    except OSError:
+        return False
+
+
+def _check_outputs(manifest: Any, source: Path, out_dir: Path, targets: list[Path]) -> None:
+    """Refuse when an output would replace an input: ``out_dir`` is the input (or the input file's place), or any
+    target resolves (links followed) to an input file or lies inside an input DICOM folder."""
+    inputs = [Path(f) for c in manifest.cases for f in [*c.images, *([c.label] if c.label else [])]]
+    if out_dir.exists() and (_same_file(out_dir, source) or (source.is_dir() and _same_file(out_dir, source))):
+        raise MedclDataError(out_dir, f"the output folder is the input {source}: the segmentations could replace the "
+                                      "images; choose another --output")
+    for t in targets:
+        for src in inputs:
+            if _same_file(t, src) or (t.resolve() == src.resolve()):
+                raise MedclDataError(t, f"would overwrite the input {src}; choose another --output")
+            if src.is_dir() and t.resolve().is_relative_to(src.resolve()):
+                raise MedclDataError(t, f"would be written inside the input DICOM folder {src}; choose another --output")
+
+
 def predict_to_folder(
     model: SegmentationModel,
     source: str | os.PathLike,
@@ -125,10 +150,17 @@ def predict_to_folder(
     tta: bool | None = None,
     probabilities: bool = False,
     device: str | torch.device = "cpu",
+    keep_going: bool = False,
 ) -> list[Path]:
     """Predict every volume of ``source`` (a file, a folder of volumes, a DICOM series folder or a dataset)
     into ``output/{case_id}.nii.gz`` (and ``{case_id}_probabilities.nii.gz``, ``[X, Y, Z, K]`` float32, when
-    ``probabilities``). Returns the label files written."""
+    ``probabilities``). Returns the label files written.
+
+    Outputs never replace inputs: an ``output`` that is the input folder, or a target that resolves to an input file
+    (symlinks followed), is refused before anything is written. A volume that fails stops the run with an error that
+    names it and the volumes not processed; ``keep_going`` predicts the others and raises at the end with a summary of
+    the failures. Every file is written atomically.
+    """
     import dataclasses
 
     from medcl.data import load_case, load_manifest
@@ -140,22 +172,45 @@ def predict_to_folder(
     inference = model.inference if tta is None else dataclasses.replace(model.inference, tta=bool(tta))
     fn = logits_fn(model.backbone)
     out_dir = Path(output)
-    out_dir.mkdir(parents=True, exist_ok=True)
-    written = []
+    if out_dir.exists() and not out_dir.is_dir():
+        raise MedclDataError(out_dir, "--output is a file; it must be a folder")
+    targets = [out_dir / f"{c.id}.nii.gz" for c in manifest.cases]
+    targets += [out_dir / f"{c.id}_probabilities.nii.gz" for c in manifest.cases] if probabilities else []
+    _check_outputs(manifest, Path(source), out_dir, targets)
+    written: list[Path] = []
+    failed: list[tuple[str, str]] = []
     for i, case in enumerate(manifest.cases):
-        image, _ = load_case(case, manifest, with_label=False)
-        if image.channels != model.backbone.in_channels:
-            raise MedclDataError(image.path, f"has {image.channels} channel(s), the model expects "
-                                             f"{model.backbone.in_channels}")
-        probs = predict_volume(fn, image, model.plan, inference, model.roi_size, device)
-        labels = probs.argmax(dim=0).numpy().astype(label_dtype(model.num_classes))
-        path = out_dir / f"{case.id}.nii.gz"
-        write_nifti(Volume(labels[None], image.affine, str(path), {}), path)
-        if probabilities:
-            write_nifti(Volume(probs.numpy().astype(np.float32), image.affine, "", {}),
-                        out_dir / f"{case.id}_probabilities.nii.gz")
+        try:
+            path = _predict_case(model, manifest, case, fn, inference, out_dir, probabilities, device, load_case,
+                                 write_nifti)
+        except MedclDataError as exc:
+            if not keep_going:
+                rest = [c.id for c in manifest.cases[i + 1:]]
+                raise MedclDataError(exc.path, f"{exc.problem}; stopped: {len(rest)} volume(s) not processed"
+                                     + (f" ({', '.join(rest[:10])}{' ...' if len(rest) > 10 else ''})" if rest else "")
+                                     + "; --keep-going predicts the others") from exc
+            failed.append((case.id, str(exc)))
+            log.warning("[%d/%d] %s: failed: %s", i + 1, len(manifest.cases), case.id, exc)
+            continue
         written.append(path)
-        found = ", ".join(f"{model.class_names[k]} {int((labels == k).sum())}" for k in range(1, model.num_classes))
-        log.info("[%d/%d] %s: %s voxels -> %s (%s voxels)", i + 1, len(manifest.cases), case.id,
-                 "x".join(map(str, labels.shape)), path, found)
+        log.info("[%d/%d] %s -> %s", i + 1, len(manifest.cases), case.id, path)
+    if failed:
+        raise MedclDataError(out_dir, f"{len(failed)} of {len(manifest.cases)} volume(s) failed "
+                                      f"({'; '.join(f'{c}: {m}' for c, m in failed[:5])}); {len(written)} written")
     return written
+
+
+def _predict_case(model: SegmentationModel, manifest: Any, case: Any, fn: Any, inference: Any, out_dir: Path,
+                  probabilities: bool, device: str | torch.device, load_case: Any, write_nifti: Any) -> Path:
+    image, _ = load_case(case, manifest, with_label=False)
+    if image.channels != model.backbone.in_channels:
+        raise MedclDataError(image.path, f"has {image.channels} channel(s), the model expects "
+                                         f"{model.backbone.in_channels}")
+    probs = predict_volume(fn, image, model.plan, inference, model.roi_size, device)
+    labels = probs.argmax(dim=0).numpy().astype(label_dtype(model.num_classes))
+    path = out_dir / f"{case.id}.nii.gz"
+    write_nifti(Volume(labels[None], image.affine, str(path), {}), path)
+    if probabilities:
+        write_nifti(Volume(probs.numpy().astype(np.float32), image.affine, "", {}),
+                    out_dir / f"{case.id}_probabilities.nii.gz")
+    return path

@@ -83,6 +83,8 @@ class ExtractParams:
     threads: int | None = None
 
     def validate(self) -> None:
+        if self.threads is not None and self.threads < 1:
+            raise MedclConfigError("threads", f"must be >= 1 (or null), got {self.threads}")
         if not self.encoder:
             raise MedclConfigError("encoder", "no encoder given: pass --encoder (builtin-cnn, a checkpoint of 'medcl mil "
                                               "pretrain-encoder', torchvision:ARCH:WEIGHTS or timm:ARCH:WEIGHTS)")
@@ -114,6 +116,10 @@ class PretrainParams:
     log_every: int = 10
 
     def validate(self) -> None:
+        if self.threads is not None and self.threads < 1:
+            raise MedclConfigError("threads", f"must be >= 1 (or null), got {self.threads}")
+        if self.lr_warmup_steps < 0 or self.workers < 0:
+            raise MedclConfigError("lr_warmup_steps", "lr_warmup_steps and workers must be >= 0")
         for key in ("steps", "batch_size", "crop", "width", "proj_dim", "log_every"):
             if int(getattr(self, key)) < 1:
                 raise MedclConfigError(key, f"must be >= 1, got {getattr(self, key)}")

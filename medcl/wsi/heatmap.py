@@ -46,6 +46,7 @@ class TileGrid:
     tile_size_level0: float | None = None
     patch_level: int | None = None
     patch_size: int | None = None
+    slide_fingerprint: str | None = None  # of the slide the tiles were cut from (None: a file of an older medcl)
 
 
 def tile_side_level0(grid: TileGrid, level_downsamples: list[float], source: str | os.PathLike | None = None) -> float:
@@ -230,6 +231,13 @@ def draw_tile_scores(
     scores = np.asarray(scores, dtype=np.float64)
     if scores.shape != (len(grid.coords),):
         raise MedclDataError(source, f"{len(scores)} scores for {len(grid.coords)} tiles")
+    if grid.slide_fingerprint:
+        from medcl.wsi.tile_io import slide_fingerprint
+
+        now = slide_fingerprint(slide)
+        if now != grid.slide_fingerprint:
+            raise MedclDataError(source, f"was made from another slide than {slide} (slide fingerprint "
+                                         f"{grid.slide_fingerprint}, the slide given has {now}): wrong slide?")
     with open_slide(slide, assume_mpp=None) as s:
         tile0 = tile_side_level0(grid, list(s.level_downsamples), source)
         if (grid.coords.max(0) > np.array(s.dimensions)).any():

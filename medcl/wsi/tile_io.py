@@ -13,6 +13,43 @@ from medcl.core.errors import MedclDataError
 from medcl.core.files import atomic_path
 
 
+def slide_fingerprint(path: str | os.PathLike) -> str:
+    """A cheap content fingerprint of a slide file: SHA-256 of its size, first and last MiB. It tells a replaced
+    slide (same name, other content) from the one a tile or feature file was made from, without reading the whole
+    slide; a DICOM-WSI folder is fingerprinted by its files' names and sizes."""
+    import hashlib
+
+    p = Path(path)
+    h = hashlib.sha256()
+    if p.is_dir():
+        for f in sorted(p.iterdir()):
+            if f.is_file():
+                h.update(f"{f.name}:{f.stat().st_size};".encode())
+        return h.hexdigest()[:32]
+    size = p.stat().st_size
+    h.update(str(size).encode())
+    with open(p, "rb") as f:
+        h.update(f.read(2**20))
+        if size > 2**21:
+            f.seek(-(2**20), os.SEEK_END)
+            h.update(f.read(2**20))
+    return h.hexdigest()[:32]
+
+
+def made_from(h5_path: Path, slide: str | os.PathLike) -> str | None:
+    """``None`` when the tile / feature file ``h5_path`` was made from ``slide`` (its recorded fingerprint matches,
+    or the file predates fingerprints); else why not."""
+    import h5py
+
+    with h5py.File(h5_path, "r") as f:
+        recorded = f.attrs.get("slide_fingerprint")
+    if recorded is None:
+        return None
+    recorded = recorded.decode() if isinstance(recorded, bytes) else str(recorded)
+    now = slide_fingerprint(slide)
+    return None if now == recorded else f"made from another file than {slide} (slide fingerprint {recorded}, now {now})"
+
+
 def is_complete(h5_path: Path) -> bool:
     """True when ``h5_path`` is a fully written tile or feature file."""
     if not h5_path.is_file():

@@ -16,7 +16,9 @@ Output layout, per slide, in the output folder:
 ``{slide_id}.h5``
     ``coords``: int64 ``[N, 2]``, ``(x, y)`` level-0 pixel coordinates of each tile's top-left corner, in
     row-major grid order (CLAM / torchmil layout). ``tissue_fraction``: float32 ``[N]``.
-    File attributes: ``slide_path`` (absolute), ``slide_id``, ``backend``, ``mpp`` (target),
+    File attributes: ``slide_path`` (absolute), ``slide_fingerprint`` (:func:`medcl.wsi.tile_io.slide_fingerprint`:
+    a replaced slide is tiled again, and heatmaps refuse features of another slide), ``slide_id``, ``backend``,
+    ``mpp`` (target),
     ``mpp_effective`` (the mpp the tiles really have), ``mpp_level0`` (x, y), ``mpp_source``
     (``metadata``/``assumed``), ``level`` (level read), ``level_mpp``, ``downsample`` (of that level),
     ``tile_size`` (tile side in pixels at the target mpp, what extraction yields), ``read_size`` (pixels
@@ -50,7 +52,15 @@ from medcl.core.record import RunRecord
 from medcl.core.runfolder import RunFolder, prepare_run_folder
 from medcl.io.slide import SLIDE_EXTENSIONS, Slide, open_slide, slide_id_from_path
 from medcl.wsi.config import TilingParams
-from medcl.wsi.tile_io import TileSet, find_h5, is_complete, load_tile_set, write_tiles_h5
+from medcl.wsi.tile_io import (
+    TileSet,
+    find_h5,
+    is_complete,
+    load_tile_set,
+    made_from,
+    slide_fingerprint,
+    write_tiles_h5,
+)
 from medcl.wsi.tissue import draw_tiles, tile_tissue_fraction, tissue_mask
 
 log = logging.getLogger(__name__)
@@ -192,6 +202,7 @@ def tile_slide(slide_path: str | os.PathLike, out_dir: str | os.PathLike, params
         else:
             attrs = {
                 "slide_path": str(slide.path.resolve()),
+                "slide_fingerprint": slide_fingerprint(slide.path),
                 "slide_id": sid,
                 "backend": slide.backend,
                 "mpp": params.mpp,
@@ -275,8 +286,11 @@ def tile_slides(
         seen[sid] = str(path)
         h5 = out / f"{sid}.h5"
         if not force and is_complete(h5):
-            results.append(_resumed(path, sid, h5))
-            continue
+            replaced = made_from(h5, path)
+            if replaced is None:
+                results.append(_resumed(path, sid, h5))
+                continue
+            log.warning("%s: the tiles were %s: tiling it again", sid, replaced)
         try:
             results.append(tile_slide(path, out, params))
         except MedclError as exc:
