@@ -40,7 +40,7 @@ from medcl.losses.local import (
 from medcl.losses.mochi import MochiNegatives, mochi_as_keys, mochi_negatives
 from medcl.losses.position import VoCoResult, voco_loss, voco_overlap_targets
 from medcl.losses.queue import KeyQueue, queue_size_for
-from medcl.losses.reconstruction import masked_reconstruction_loss
+from medcl.losses.reconstruction import block_normalised, masked_reconstruction_loss
 
 __all__ = [
     "MODES",
@@ -69,6 +69,7 @@ __all__ = [
     "local_contrastive_loss",
     "local_loss_for_views",
     "masked_reconstruction_loss",
+    "block_normalised",
     "mochi_as_keys",
     "mochi_negatives",
     "queue_size_for",

@@ -1,5 +1,6 @@
 """Masked reconstruction loss: the error is taken on the masked voxels only, as in masked autoencoders
-(He et al., CVPR 2022), here on 3D views masked by block masking (``ViewBatch.mask``)."""
+(He et al., CVPR 2022), here on 3D views masked by block masking (``ViewBatch.mask``), optionally against
+per-block normalised targets (MAE's ``norm_pix_loss``; :func:`block_normalised`)."""
 
 from __future__ import annotations
 
@@ -47,3 +48,29 @@ def masked_reconstruction_loss(
         err = err.masked_fill(~mask, 0.0)  # masked_fill, not multiply: non-finite values outside stay out
         count = mask.sum() * c
         return err.sum() / count.clamp_min(1).to(err.dtype)
+
+
+def block_normalised(target: torch.Tensor, block: tuple[int, int, int], eps: float = 1e-6) -> torch.Tensor:
+    """``target`` with each ``block`` box normalised to zero mean and unit variance (per view and channel), the
+    target form of MAE (He et al., CVPR 2022, "normalised pixels": each masked patch is predicted relative to its
+    own statistics, which made the learnt features better for downstream tasks).
+
+    Args:
+        target: ``[N, C, D, H, W]`` with ``D, H, W`` multiples of ``block``.
+        block: the masking block ``(bd, bh, bw)``.
+        eps: added to the variance.
+
+    Returns:
+        ``[N, C, D, H, W]`` float32.
+
+    Raises:
+        ValueError: the view is not tiled exactly by the blocks.
+    """
+    n, c, *sp = target.shape
+    if any(s % b for s, b in zip(sp, block)):
+        raise ValueError(f"per-block normalisation needs views tiled by the blocks: shape {tuple(sp)}, block {block}")
+    g = [s // b for s, b in zip(sp, block)]
+    x = target.float().reshape(n, c, g[0], block[0], g[1], block[1], g[2], block[2])
+    mean = x.mean(dim=(3, 5, 7), keepdim=True)
+    var = x.var(dim=(3, 5, 7), keepdim=True, unbiased=False)
+    return ((x - mean) / torch.sqrt(var + eps)).reshape(target.shape)

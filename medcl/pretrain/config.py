@@ -134,6 +134,8 @@ class TermConfig:
         form: VoCo loss form: ``code`` (released code, with teacher when EMA is on) or ``paper``.
         reg_weight: VoCo base-crop regulariser weight.
         loss: reconstruction loss ``l1`` or ``l2``.
+        target_norm: reconstruction target: ``none`` (intensities) or ``block`` (each masking block normalised to
+            zero mean and unit variance, MAE's normalised-pixel target; the view must be tiled by the blocks).
     """
 
     kind: TermKind = "contrastive"
@@ -154,6 +156,7 @@ class TermConfig:
     form: Literal["code", "paper"] = "code"
     reg_weight: float = 1.0
     loss: Literal["l1", "l2"] = "l1"
+    target_norm: Literal["none", "block"] = "none"
 
     def validate(self) -> None:
         if self.temperature <= 0:

@@ -27,6 +27,7 @@ from medcl.engine.monitor import effective_rank, embedding_std
 from medcl.losses import (
     ContrastIds,
     KeyQueue,
+    block_normalised,
     build_masks,
     distributed_info_nce,
     gather_ids,
@@ -294,14 +295,17 @@ class VoCoTerm(Term):
 class ReconstructionTerm(Term):
     """Masked-voxel reconstruction from a decoder stage (:func:`medcl.losses.masked_reconstruction_loss`)."""
 
-    def __init__(self, name: str, cfg: TermConfig, in_dim: int, out_channels: int, stride) -> None:
+    def __init__(self, name: str, cfg: TermConfig, in_dim: int, out_channels: int, stride,
+                 block: tuple[int, int, int] = (4, 4, 4)) -> None:
         super().__init__(name, cfg)
         self.head = ReconstructionHead(in_dim, out_channels, stride)
+        self.block = tuple(int(b) for b in block)
 
     def compute(self, ctx: StepContext) -> tuple[Tensor, dict[str, Tensor]]:
         vb = ctx.views[self.cfg.views]
         pred = self.head(ctx.student[self.cfg.views].stage(self.cfg.stage))
-        loss = masked_reconstruction_loss(pred, vb.target, vb.mask, kind=self.cfg.loss)
+        target = block_normalised(vb.target, self.block) if self.cfg.target_norm == "block" else vb.target
+        loss = masked_reconstruction_loss(pred, target, vb.mask, kind=self.cfg.loss)
         return loss, {}
 
 
@@ -337,8 +341,10 @@ def build_term(name: str, cfg: TermConfig, backbone: Backbone, view_cfg) -> Term
         stages = [*backbone.encoder_stage_names, "bottleneck"] if cfg.pool == "avg" else [cfg.stage]
         return VoCoTerm(name, cfg, [head_in_dim(backbone, s, view_cfg.crop, cfg.pool) for s in stages], stages)
     if cfg.kind == "reconstruction":
+        block = view_cfg.mask_block
         return ReconstructionTerm(
-            name, cfg, backbone.stage_channels[cfg.stage], backbone.in_channels, backbone.stage_strides[cfg.stage]
+            name, cfg, backbone.stage_channels[cfg.stage], backbone.in_channels, backbone.stage_strides[cfg.stage],
+            block=(block,) * 3 if isinstance(block, int) else tuple(block),
         )
     raise ValueError(f"unknown term kind {cfg.kind!r}")
 
