@@ -327,3 +327,28 @@ def test_label_efficiency_benchmark_runs_reports_and_resumes(ws, tmp_path, caplo
     logs2 = [r.getMessage() for r in caplog.records]
     assert sum("skipped" in line for line in logs2) == 13
     assert (out / "results.md").read_text() == md
+
+
+def test_benchmark_recipe_axis_pairs_semi_rows_with_supervised_random(ws, tmp_path):
+    """recipes [supervised, semi]: each init gets a semi row (its own run folders, the unlabelled pool of the split),
+    compared with the supervised random arm; wall-clock per arm is reported."""
+    import yaml
+
+    from medcl.segment.benchmark import load_benchmark_config, run_label_efficiency
+
+    cfg = {"finetune": {"backbone": to_dict(ARCH), "data": {"plan": {"spacing": [VOXEL] * 3}}, "threads": 1,
+                        "sampling": {"patch_size": [16, 16, 16], "batch_size": 2},
+                        "augment": {"affine_prob": 0, "strong": {"labelled": True}}, "inference": {"overlap": 0.0}},
+           "steps": 2, "full_label": False, "seeds": [0], "ceiling": {"inits": []},
+           "recipes": ["supervised", "semi"], "recipe_overrides": {"semi": {"semi": {"rampup_steps": 1}}},
+           "split": {"file": str(ws["root"] / "split.json")}, "lr": {"values": [1e-3]}}
+    (tmp_path / "bench.yaml").write_text(yaml.safe_dump(cfg))
+    bcfg, base = load_benchmark_config(tmp_path / "bench.yaml")
+    rows = run_label_efficiency(bcfg, base, str(ws["data"]), tmp_path / "b", device="cpu")
+    assert {(r["init"], r["recipe"]) for r in rows} == {("random", "supervised"), ("random+semi", "semi")}
+    semi_run = next(r["run"] for r in rows if r["recipe"] == "semi")
+    rec = json.loads((tmp_path / "b" / semi_run / "record.json").read_text())
+    assert rec["config"]["semi"]["enabled"] and rec["config"]["augment"]["strong"]["labelled"]
+    assert sorted(rec["extra"]["unlabelled_cases"]) == sorted(ws["split"].pool)
+    md = (tmp_path / "b" / "results.md").read_text()
+    assert "| random+semi (vs random) |" in md and "## Fine-tuning wall-clock per run" in md

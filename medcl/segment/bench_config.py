@@ -29,11 +29,22 @@ from medcl.config import apply_overrides, from_dict, read_yaml
 from medcl.core.errors import MedclConfigError
 from medcl.segment.prepare import finetune_config_from_dict, merge_config
 
-__all__ = ["RANDOM", "InitSpec", "BenchSplitConfig", "CeilingConfig", "LRConfig", "LabelEfficiencyConfig",
+__all__ = ["RANDOM", "SUPERVISED", "RECIPES", "recipe_overrides", "InitSpec", "BenchSplitConfig", "CeilingConfig", "LRConfig", "LabelEfficiencyConfig",
            "load_benchmark_config"]
 
 RANDOM = "random"
 """The name of the random initialisation (the reference of the paired differences)."""
+SUPERVISED = "supervised"
+RECIPES = ("supervised", "semi")
+"""Fine-tuning recipes: ``supervised`` (the labelled volumes only) and ``semi`` (plus the unlabelled pool,
+:mod:`medcl.segment.semi`)."""
+
+
+def recipe_overrides(cfg: LabelEfficiencyConfig, recipe: str) -> dict[str, Any]:
+    """The fine-tuning keys a recipe sets over the base (``semi.enabled: true`` for ``semi``), plus the config's
+    ``recipe_overrides`` for it."""
+    base: dict[str, Any] = {"semi": {"enabled": True}} if recipe == "semi" else {}
+    return merge_config(base, dict(cfg.recipe_overrides.get(recipe, {})))
 
 
 @dataclass
@@ -143,6 +154,9 @@ class LabelEfficiencyConfig:
         inits: the pretrained initialisations.
         seeds: fine-tuning seeds.
         split, lr: see :class:`BenchSplitConfig`, :class:`LRConfig`.
+        recipes: fine-tuning recipes, each a column of rows in the tables (``supervised``, ``semi``); every
+            (init, recipe) gets the same steps, the same augmentation and the same learning-rate rule.
+        recipe_overrides: fine-tuning keys per recipe (e.g. ``{semi: {semi: {threshold: 0.8}}}``).
         allow_test_overlap, allow_unknown_provenance, allow_incomplete: the overrides of the acceptance rule for
             init checkpoints (:func:`medcl.segment.init.accept_checkpoint`; off: refuse).
         jobs: fine-tunes run in parallel processes (each with ``finetune.threads`` threads; on a CPU machine
@@ -158,6 +172,8 @@ class LabelEfficiencyConfig:
     random_init: bool = True
     inits: list[InitSpec] = field(default_factory=list)
     seeds: list[int] = field(default_factory=lambda: [0, 1, 2])
+    recipes: list[str] = field(default_factory=lambda: [SUPERVISED])
+    recipe_overrides: dict[str, dict[str, Any]] = field(default_factory=dict)
     split: BenchSplitConfig = field(default_factory=BenchSplitConfig)
     lr: LRConfig = field(default_factory=LRConfig)
     allow_test_overlap: bool = False
@@ -175,12 +191,16 @@ class LabelEfficiencyConfig:
             raise MedclConfigError("jobs", f"must be >= 1, got {self.jobs}")
         if not self.random_init and not self.inits:
             raise MedclConfigError("inits", "nothing to benchmark: no init and random_init is false")
+        bad = [r for r in self.recipes if r not in RECIPES] + [r for r in self.recipe_overrides if r not in RECIPES]
+        if bad or not self.recipes or len(set(self.recipes)) != len(self.recipes):
+            raise MedclConfigError("recipes", f"expected distinct recipes among {list(RECIPES)}, got {self.recipes}")
         randoms = {i.name for i in self.inits if i.random} | ({RANDOM} if self.random_init else set())
         for i in self.inits:
             if not i.random and i.reference not in randoms:
                 raise MedclConfigError(f"inits.{i.name}.reference", f"'{i.reference}' is not a random arm of this "
                                        f"benchmark ({', '.join(sorted(randoms)) or 'none'})")
         known = {i.name for i in self.inits} | ({RANDOM} if self.random_init else set())
+        known |= {f"{n}+{r}" for n in known for r in self.recipes if r != SUPERVISED}
         unknown = sorted(set(self.ceiling.inits) - known)
         if unknown:
             raise MedclConfigError("ceiling.inits", f"unknown init(s) {unknown} (known: {sorted(known)})")

@@ -217,6 +217,16 @@ def write_report(rows: list[dict[str, Any]], path: str | Path, *, inits: list[st
               "|---|" + "---|" * len(cols)]
     for init in inits:
         lines.append(f"| {init} | " + " | ".join(lr_of.get((init, _key(b)), "-") for b in budgets) + " |")
+    secs: dict[str, dict[str, float]] = {}
+    for r in rows:
+        if r.get("seconds") not in (None, ""):
+            secs.setdefault(str(r["init"]), {})[str(r.get("run", ""))] = float(r["seconds"])
+    if secs:
+        lines += ["", "## Fine-tuning wall-clock per run (this machine)", "", "| init | median s | runs |", "|---|---|---|"]
+        for init in inits:
+            if init in secs:
+                v = sorted(secs[init].values())
+                lines.append(f"| {init} | {v[len(v) // 2]:.0f} | {len(v)} |")
     if costs:
         lines += ["", "## Pretraining cost (this machine)", "", "| init | steps | s/step (median) | wall-clock |",
                   "|---|---|---|---|"]

@@ -45,7 +45,14 @@ from medcl.core.record import RunRecord
 from medcl.core.runfolder import RunFolder, prepare_run_folder, run_is_complete, test_metrics_path
 from medcl.data import load_manifest
 from medcl.data.splits import FULL, LabelBudgetSplit, load_split, make_label_budget_split
-from medcl.segment.bench_config import RANDOM, InitSpec, LabelEfficiencyConfig, load_benchmark_config
+from medcl.segment.bench_config import (
+    RANDOM,
+    SUPERVISED,
+    InitSpec,
+    LabelEfficiencyConfig,
+    load_benchmark_config,
+    recipe_overrides,
+)
 from medcl.segment.bench_report import UNIT_SENTENCE, budget_order, plot_dice_vs_labels, write_report
 from medcl.segment.finetune import DONE_FILE, run_finetune
 from medcl.segment.prepare import CaseSelection, finetune_config_from_dict, merge_config
@@ -129,6 +136,8 @@ class Init:
     load: tuple[str, ...] | None = None
     reference: str | None = None
     provenance: str = field(default="recorded", compare=False)
+    recipe: str = "supervised"
+    base: str | None = None  # the init this (init, recipe) row comes from (its architecture); None: itself
 
 
 @dataclass(frozen=True)
@@ -188,6 +197,7 @@ def run_label_efficiency(
     test_patients = sorted({by_id[t].patient for t in split.test if by_id[t].patient})
     inits = _prepare_inits(cfg, split, data, out, pretrain_fn, device, test_patients)
     bases = _architectures(finetune_base, inits)
+    inits = _with_recipes(cfg, inits)
     budgets: list[Any] = list(budget_order(split.budgets)) + ([FULL] if cfg.full_label else [])
     sweep_arms, final_arms = _plan_arms(cfg, split, inits, budgets)
     ceiling_arms = [Arm(i, FULL, 0, s, None, ceiling=True) for i in inits if i.name in cfg.ceiling.inits
@@ -245,6 +255,20 @@ def _prepare_inits(cfg: LabelEfficiencyConfig, split: LabelBudgetSplit, data: st
     return inits
 
 
+def _with_recipes(cfg: LabelEfficiencyConfig, inits: list[Init]) -> list[Init]:
+    """One row per (init, recipe): ``NAME`` for the supervised recipe, ``NAME+RECIPE`` for the others; every row is
+    paired with the supervised random arm of its architecture (so ``random+semi`` is compared with ``random``)."""
+    rows = []
+    for recipe in cfg.recipes:
+        for i in inits:
+            if recipe == SUPERVISED:
+                rows.append(i)
+            else:
+                rows.append(replace(i, name=f"{i.name}+{recipe}", recipe=recipe, base=i.name,
+                                    reference=i.reference or i.name))
+    return rows
+
+
 def _allow(cfg: LabelEfficiencyConfig) -> dict[str, bool]:
     return {"allow_test_overlap": cfg.allow_test_overlap, "allow_unknown_provenance": cfg.allow_unknown_provenance,
             "allow_incomplete": cfg.allow_incomplete}
@@ -280,10 +304,11 @@ class _ArmRunner:
         """The worker arguments of ``arm`` (plain data: they cross a process boundary)."""
         cfg, v = self.cfg, self.cfg.lr.validation_cases
         labelled = self.split.labelled(arm.budget, arm.combination)
-        sel = CaseSelection(train=labelled[:-v] if arm.sweep else labelled,
-                            validation=labelled[-v:] if arm.sweep else [],
+        val = labelled[-v:] if arm.sweep else []
+        sel = CaseSelection(train=labelled[:-v] if arm.sweep else labelled, validation=val,
                             test=[] if arm.sweep else list(self.split.test), budget=arm.budget,
-                            combination=arm.combination, source="benchmark")
+                            combination=arm.combination, source="benchmark",
+                            unlabelled=[c for c in self.split.pool if c not in set(val)])
         steps = (cfg.full_steps or cfg.steps) if arm.budget == FULL else cfg.steps
         over: dict[str, Any] = {"seed": arm.seed, "optim": {"lr": arm.lr}, "trainer": {"max_steps": steps},
                                 "init": {"checkpoint": arm.init.checkpoint,
@@ -292,7 +317,8 @@ class _ArmRunner:
             c = cfg.ceiling
             over["trainer"]["max_steps"] = c.max_steps
             over["converge"] = {"enabled": True, "min_steps": c.min_steps, "tolerance": c.tolerance, "tail": c.tail}
-        base = self.bases[arm.init.name]
+        over = merge_config(recipe_overrides(cfg, arm.init.recipe), over)
+        base = self.bases[arm.init.base or arm.init.name]
         return {"config": merge_config(base, over), "manifest": self.manifest, "out": str(arm.folder(self.out)),
                 "selection": sel, "allow": _allow(cfg), "device": self.device,
                 "part": "validation" if arm.sweep else "test"}
@@ -365,7 +391,8 @@ def _collect_rows(arms: list[Arm], folders: list[Path], rule: dict[tuple[str, st
             s = json.loads((folder / DONE_FILE).read_text())
             extra = {"steps": s.get("steps"), "max_steps": s.get("max_steps"), "converged": s.get("converged")}
         for case, m in _case_rows(folder).items():
-            rows.append({"init": arm.init.name, "reference": arm.init.reference or "", "budget": arm.budget,
+            rows.append({"init": arm.init.name, "recipe": arm.init.recipe, "reference": arm.init.reference or "",
+                         "seconds": json.loads((folder / DONE_FILE).read_text()).get("seconds"), "budget": arm.budget,
                          "combination": arm.combination, "seed": arm.seed, "lr": f"{arm.lr:g}",
                          "lr_rule": rule.get((arm.init.name, str(arm.budget)), "fallback"),
                          "run": str(folder.relative_to(out)), **extra, "case": case, **m})

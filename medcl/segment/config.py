@@ -18,6 +18,7 @@ Layout (every section optional; unknown keys fail before training with the dotte
     inference: {roi_size, overlap, sw_batch_size, mode, tta, mirror_axes}
     eval:     {nsd_tolerance_mm, save_predictions}
     converge: {enabled, min_steps, tail, tolerance, check_every}   # train until converged (max_steps = the cap)
+    semi:     {enabled, mode: pseudo|mse, threshold, weight, rampup_steps, ema, unlabelled_batch, cutmix_prob}
     trainer:  {max_steps, ckpt_every, ...}   # medcl.engine.trainer.TrainerConfig
 """
 
@@ -163,6 +164,80 @@ class SamplingConfig:
 
 
 @dataclass
+class StrongAugmentConfig:
+    """Strong intensity augmentation (applied on the training device, batched; geometry is untouched, so a strong
+    view stays voxel-aligned with its weak view). Each transform is applied to a patch with probability ``prob``.
+
+    Attributes:
+        prob: probability of each transform per patch.
+        labelled: also apply it to the labelled patches (the fair supervised baseline of a semi-supervised
+            comparison gets the same augmentation).
+        gamma: range of the gamma exponent (on intensities rescaled to [0, 1] per patch, then rescaled back).
+        brightness: multiplicative factor in ``1 +- brightness``.
+        contrast: contrast change ``mean + (x - mean) * f``, ``f`` in ``1 +- contrast``.
+        noise_std: additive Gaussian noise, standard deviation drawn in ``[0, noise_std]``.
+        blur_sigma: Gaussian blur, sigma (voxels) drawn in this range.
+    """
+
+    prob: float = 0.5
+    labelled: bool = False
+    gamma: tuple[float, float] = (0.7, 1.5)
+    brightness: float = 0.25
+    contrast: float = 0.25
+    noise_std: float = 0.1
+    blur_sigma: tuple[float, float] = (0.5, 1.0)
+
+    def validate(self) -> None:
+        if not 0 <= self.prob <= 1:
+            raise MedclConfigError("augment.strong.prob", f"must be in [0, 1], got {self.prob}")
+        if not 0 < self.gamma[0] <= self.gamma[1] or not 0 < self.blur_sigma[0] <= self.blur_sigma[1]:
+            raise MedclConfigError("augment.strong", "gamma and blur_sigma need 0 < low <= high")
+        if not 0 <= self.brightness < 1 or not 0 <= self.contrast < 1 or self.noise_std < 0:
+            raise MedclConfigError("augment.strong", "brightness and contrast in [0, 1), noise_std >= 0")
+
+
+@dataclass
+class SemiConfig:
+    """Semi-supervised fine-tuning on the unlabelled pool (off by default): a mean teacher and a consistency
+    loss between its prediction on a weak view and the student's on a strong view of unlabelled patches
+    (:mod:`medcl.segment.semi`).
+
+    Attributes:
+        enabled: train with the unlabelled cases too (the split's pool minus validation volumes; never a test
+            case; loaded without labels).
+        mode: ``pseudo`` (default: FixMatch-style hard pseudo-labels of the teacher, cross-entropy on the voxels
+            whose teacher confidence reaches ``threshold``) or ``mse`` (mean-teacher soft consistency: squared
+            difference of the class probabilities, every voxel).
+        threshold: confidence of a pseudo-labelled voxel (``pseudo``).
+        weight: the consistency weight after the ramp-up.
+        rampup_steps: sigmoid ramp-up of the weight, ``w(t) = weight * exp(-5 (1 - t / T)^2)`` (Laine & Aila,
+            2017; Tarvainen & Valpola, 2017).
+        ema: momentum of the mean teacher (evaluated and saved as the model).
+        unlabelled_batch: unlabelled patches per step.
+        cutmix_prob: probability of pasting a box of a labelled patch (with its labels) into an unlabelled patch
+            (copy-paste / CutMix, as bidirectional copy-paste, Bai et al., CVPR 2023); the box's target is the
+            true label, the rest the teacher's.
+        cutmix_size: side of the box as a fraction of the patch side.
+    """
+
+    enabled: bool = False
+    mode: Literal["pseudo", "mse"] = "pseudo"
+    threshold: float = 0.9
+    weight: float = 1.0
+    rampup_steps: int = 200
+    ema: float = 0.99
+    unlabelled_batch: int = 2
+    cutmix_prob: float = 0.5
+    cutmix_size: float = 0.66
+
+    def validate(self) -> None:
+        if not 0 <= self.threshold < 1 or not 0 <= self.ema < 1 or not 0 <= self.cutmix_prob <= 1:
+            raise MedclConfigError("semi", "threshold and ema in [0, 1), cutmix_prob in [0, 1]")
+        if self.weight < 0 or self.rampup_steps < 0 or self.unlabelled_batch < 1 or not 0 < self.cutmix_size < 1:
+            raise MedclConfigError("semi", "weight, rampup_steps >= 0, unlabelled_batch >= 1, cutmix_size in (0, 1)")
+
+
+@dataclass
 class PatchAugmentConfig:
     """Training augmentation (MONAI transforms), applied to each patch.
 
@@ -172,6 +247,8 @@ class PatchAugmentConfig:
         affine_prob: probability of a random rotation (``rotate_deg``) and scaling (``1 +- scale``).
         intensity_prob: probability of a random intensity scaling (``1 +- 0.1``) and shift (``+- 0.1``).
         noise_prob, noise_std: additive Gaussian noise.
+        strong: strong intensity augmentation (:class:`StrongAugmentConfig`): the student's view of unlabelled
+            patches, and of the labelled ones with ``strong.labelled``.
     """
 
     flip: bool = True
@@ -182,6 +259,7 @@ class PatchAugmentConfig:
     intensity_prob: float = 0.5
     noise_prob: float = 0.1
     noise_std: float = 0.05
+    strong: StrongAugmentConfig = field(default_factory=StrongAugmentConfig)
 
 
 @dataclass
@@ -321,6 +399,7 @@ class FinetuneConfig:
     inference: InferenceConfig = field(default_factory=InferenceConfig)
     eval: EvalConfig = field(default_factory=EvalConfig)
     converge: ConvergeConfig = field(default_factory=ConvergeConfig)
+    semi: SemiConfig = field(default_factory=SemiConfig)
     trainer: TrainerConfig = field(default_factory=_default_trainer)
 
     @property

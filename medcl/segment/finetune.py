@@ -239,10 +239,18 @@ def _prepare(cfg: FinetuneConfig, data: str | os.PathLike | Manifest, out: Path,
     last = _check_resume(out, cfg, resume)
     init_info = accepted.info() if accepted is not None else None
     seen = sel.train + sel.validation
-    record = RunRecord(kind="finetune", config=to_dict(cfg), plan=plan.to_dict(), cases_seen=seen,
-                       test_cases=list(sel.test), patients_seen=sorted({by_id[c].patient for c in seen
+    unlabelled = list(sel.unlabelled) if cfg.semi.enabled else []
+    if cfg.semi.enabled and not unlabelled:
+        raise MedclConfigError("semi.enabled", "semi-supervised fine-tuning needs unlabelled cases (the split's pool, "
+                                               "or cases outside the test set); there are none")
+    if set(unlabelled) & set(sel.test):  # the selection's check refuses it too: never train on a test image
+        raise MedclDataError(out, "an unlabelled case is a test case")
+    images_seen = seen + [c for c in unlabelled if c not in set(seen)]
+    record = RunRecord(kind="finetune", config=to_dict(cfg), plan=plan.to_dict(), cases_seen=images_seen,
+                       test_cases=list(sel.test), patients_seen=sorted({by_id[c].patient for c in images_seen
                                                                         if by_id[c].patient}),
-                       extra={"init": init_info, "provenance": init_info["provenance"] if init_info else "random init"})
+                       extra={"init": init_info, "provenance": init_info["provenance"] if init_info else "random init",
+                              "labelled_cases": seen, "unlabelled_cases": unlabelled})
     folder = RunFolder(out, record)
     folder.begin(cfg, step=0)
     atomic_write_json(sel.to_dict(), out / "cases.json")
@@ -279,18 +287,28 @@ def _train(job: _Job, device: str, progress: bool, callbacks: list[Any] | None) 
     # the patch stream keeps its prepared volumes in RAM itself; a disk cache still saves decoding across runs
     train_cases = CaseDataset(labels.manifest, job.plan, cases=sel.train, with_label=True,
                               cache="none" if cfg.data.cache == "ram" else cfg.data.cache, cache_dir=cfg.data.cache_dir)
-    stream = PatchStream(train_cases, labels.num_classes, cfg.sampling.patch_size, cfg.seed,
-                         cfg.sampling.class_ratios, build_augmentation(cfg.augment), labels.ignore_label)
+    stream: Any = PatchStream(train_cases, labels.num_classes, cfg.sampling.patch_size, cfg.seed,
+                              cfg.sampling.class_ratios, build_augmentation(cfg.augment), labels.ignore_label)
+    if cfg.semi.enabled:
+        from medcl.segment.semi import SemiPatchStream, UnlabelledPatches
+
+        unlabelled = job.folder.record["extra"]["unlabelled_cases"]
+        # images only: the labels of the unlabelled cases are never read
+        u_cases = CaseDataset(labels.manifest, job.plan, cases=unlabelled, with_label=False,
+                              cache="none" if cfg.data.cache == "ram" else cfg.data.cache, cache_dir=cfg.data.cache_dir)
+        per = max(1, -(-cfg.semi.unlabelled_batch // cfg.sampling.batch_size))
+        stream = SemiPatchStream(stream, UnlabelledPatches(u_cases, cfg.sampling.patch_size, cfg.seed), per)
     sampler = StreamSampler(cfg.sampling.batch_size, cfg.trainer.max_steps * cfg.trainer.accumulate,
                             world_size=trainer.world_size, rank=trainer.global_rank)
     loader = StreamLoader(stream, sampler, num_workers=cfg.trainer.num_workers,
                           persistent_workers=cfg.trainer.num_workers > 0)
     loader.bind(lambda: trainer.global_step * cfg.trainer.accumulate)
     init = job.init_info
-    log.info("fine-tuning on %d labelled volume(s)%s, %d classes, %d steps, init %s, mode %s", len(sel.train),
+    log.info("fine-tuning on %d labelled volume(s)%s%s, %d classes, %d steps, init %s, mode %s", len(sel.train),
              f" (+{len(sel.validation)} for validation, inside the budget)" if sel.validation else "",
-             labels.num_classes, cfg.trainer.max_steps, f"{init['checkpoint']} ({init['kind']})" if init else "random",
-             cfg.optim.mode)
+             f" and {len(job.folder.record['extra']['unlabelled_cases'])} unlabelled (semi-supervised)"
+             if cfg.semi.enabled else "", labels.num_classes, cfg.trainer.max_steps,
+             f"{init['checkpoint']} ({init['kind']})" if init else "random", cfg.optim.mode)
     fit_or_interrupt(trainer, module, train_dataloaders=loader, ckpt_path=str(job.last) if job.last is not None else None)
     job.converged_at = stop.stopped_at if stop is not None else None
     if trainer.global_step < cfg.trainer.max_steps and job.converged_at is None:
@@ -307,7 +325,7 @@ def _finish(job: _Job, module: Any, trainer: Any, device: str, t0: float) -> Fin
     from medcl.segment.inference import logits_fn
 
     cfg, out, sel, labels = job.cfg, job.out, job.sel, job.labels
-    net = module.backbone.to(memory_format=torch.contiguous_format).eval()
+    net = module.evaluation_network().to(memory_format=torch.contiguous_format).eval()
     model_path = out / "model.pt"
     if not trainer.is_global_zero:  # DDP: rank 0 saves and evaluates
         return FinetuneResult(out, sel, model_path=model_path)

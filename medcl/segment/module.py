@@ -25,9 +25,10 @@ import torch
 from medcl.config import to_dict
 from medcl.engine.schedules import lr_schedule, make_lr_scheduler
 from medcl.engine.seeding import sample_seed
-from medcl.models import Backbone
+from medcl.models import Backbone, EMATeacher
 from medcl.segment.config import FinetuneConfig
 from medcl.segment.loss import MaskedDiceCELoss, mixup, one_hot_with_ignore
+from medcl.segment.semi import consistency_loss, paste_boxes, rampup, strong_intensity
 
 ENCODER_STAGES = ("encoder", "bottleneck")
 
@@ -57,6 +58,7 @@ class SegmentationModule(L.LightningModule):
         self.loss_fn = MaskedDiceCELoss(include_background=lc.include_background, batch_dice=lc.batch_dice,
                                         dice_weight=lc.dice_weight, ce_weight=lc.ce_weight)
         self._encoder_frozen: bool | None = None
+        self.teacher: EMATeacher | None = EMATeacher(backbone, momentum=cfg.semi.ema) if cfg.semi.enabled else None
 
     # ---- which layers train -------------------------------------------------------------------------
     def encoder_parameters(self) -> list[torch.nn.Parameter]:
@@ -108,6 +110,9 @@ class SegmentationModule(L.LightningModule):
     # ---- training -----------------------------------------------------------------------------------
     def training_step(self, batch: dict[str, torch.Tensor], batch_idx: int) -> torch.Tensor:
         x, y = batch["image"], batch["label"]
+        g = torch.Generator().manual_seed(sample_seed(self.cfg.seed, 0, int(self.global_step), "strong"))
+        if self.cfg.augment.strong.labelled:
+            x = strong_intensity(x, self.cfg.augment.strong, g)
         target, valid = one_hot_with_ignore(y, self.k, self.ignore_label)
         m = self.cfg.mixup
         if m.alpha > 0 and x.shape[0] > 1:
@@ -119,10 +124,43 @@ class SegmentationModule(L.LightningModule):
         logits = self.backbone(x).logits
         loss, dice, ce = self.loss_fn(logits, target, valid)
         bs = x.shape[0]
+        if self.teacher is not None:
+            cons, frac, w = self._consistency(batch, x, target, g)
+            self.log("semi/consistency", cons.detach(), batch_size=bs)
+            self.log("semi/mask_fraction", frac, batch_size=bs)
+            self.log("semi/weight", w, batch_size=bs)
+            loss = loss + w * cons
         self.log("train/loss", loss, prog_bar=True, batch_size=bs)
         self.log("train/dice_loss", dice, batch_size=bs)
         self.log("train/ce", ce, batch_size=bs)
         return loss
+
+    def _consistency(self, batch: dict[str, torch.Tensor], x: torch.Tensor, target: torch.Tensor,
+                     g: torch.Generator) -> tuple[torch.Tensor, torch.Tensor, float]:
+        """The semi-supervised term (:mod:`medcl.segment.semi`): teacher on weak views, student on strong
+        (mixed) views of the unlabelled patches; returns (loss, fraction of voxels used, current weight)."""
+        s = self.cfg.semi
+        u = batch["u_image"].flatten(0, 1)  # [B * per_sample, C, *P]
+        if self.channels_last:
+            u = u.contiguous(memory_format=torch.channels_last_3d)
+        with torch.no_grad():
+            probs = torch.softmax(self.teacher.module(u).logits.float(), dim=1)
+        strong = strong_intensity(u, self.cfg.augment.strong, g)
+        strong, box, box_target = paste_boxes(strong, x, target, s.cutmix_prob, s.cutmix_size, g)
+        student = self.backbone(strong).logits
+        cons, frac = consistency_loss(student, probs, s.mode, s.threshold, box, box_target)
+        return cons, frac, s.weight * rampup(int(self.global_step), s.rampup_steps)
+
+    def optimizer_step(self, epoch: int, batch_idx: int, optimizer: Any, optimizer_closure: Any = None) -> None:
+        """The optimiser step, then the mean teacher (before checkpoint callbacks run: a checkpoint of this step
+        holds this step's teacher)."""
+        super().optimizer_step(epoch, batch_idx, optimizer, optimizer_closure)
+        if self.teacher is not None:
+            self.teacher.update(self.backbone)
+
+    def evaluation_network(self) -> Backbone:
+        """What is evaluated and saved: the mean teacher when semi-supervised, else the trained network."""
+        return self.teacher.module if self.teacher is not None else self.backbone
 
     def on_save_checkpoint(self, checkpoint: dict[str, Any]) -> None:
         # the checkpoint's own record says how far it is (a checkpoint path alone can be judged)

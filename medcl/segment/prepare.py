@@ -113,6 +113,8 @@ class CaseSelection:
         budget: the label budget ``N`` (``len(train) + len(validation)``), or ``"full"``/``None``.
         combination: the split's combination index, if any.
         source: where the selection came from (a split file, ``"drawn"``, ``"all"``, ``"explicit"``).
+        unlabelled: cases whose images (never their labels) semi-supervised fine-tuning may use: the split's pool
+            (or every case outside the test set) minus the validation cases; never a test case.
     """
 
     train: list[str]
@@ -121,6 +123,7 @@ class CaseSelection:
     budget: int | str | None = None
     combination: int | None = None
     source: str = "explicit"
+    unlabelled: list[str] = field(default_factory=list)
 
     def to_dict(self) -> dict[str, Any]:
         return dataclasses.asdict(self)
@@ -137,9 +140,13 @@ class CaseSelection:
         if unlabelled:
             raise MedclDataError(manifest.source or manifest.root,
                                  f"cases without a label cannot be trained or tested on: {', '.join(unlabelled[:10])}")
-        leak = sorted((set(self.train) | set(self.validation)) & set(self.test))
+        leak = sorted((set(self.train) | set(self.validation) | set(self.unlabelled)) & set(self.test))
         if leak:
             raise MedclDataError(manifest.source or manifest.root, f"cases both trained and tested on: {', '.join(leak)}")
+        missing = sorted(set(self.unlabelled) - ids)
+        if missing:
+            raise MedclDataError(manifest.source or manifest.root, f"unlabelled case ids not in the dataset: "
+                                                                   f"{', '.join(missing[:10])}")
         if not self.train:
             raise MedclConfigError("split", "no training case left (the validation takes every labelled volume)")
 
@@ -166,7 +173,8 @@ def select_cases(manifest: Manifest, cfg: FinetuneConfig) -> CaseSelection:
             budget = FULL
         labelled = split.labelled(budget, s.combination)
         train, val = _split_validation(labelled, s.validation)
-        return CaseSelection(train, val, list(split.test), budget, s.combination, str(Path(s.file)))
+        pool = [c for c in split.pool if c not in set(val)]
+        return CaseSelection(train, val, list(split.test), budget, s.combination, str(Path(s.file)), pool)
     labelled_ids = [c.id for c in manifest.cases if c.label is not None and c.split != "test"]
     if not labelled_ids:
         raise MedclDataError(manifest.source or manifest.root, "no labelled case to fine-tune on")
@@ -177,9 +185,15 @@ def select_cases(manifest: Manifest, cfg: FinetuneConfig) -> CaseSelection:
         rng = np.random.default_rng([int(cfg.seed), int(s.labelled), int(s.combination)])
         picked = [labelled_ids[int(i)] for i in rng.choice(len(labelled_ids), size=s.labelled, replace=False)]
         train, val = _split_validation(picked, s.validation)
-        return CaseSelection(train, val, [], s.labelled, None, "drawn")
+        return CaseSelection(train, val, [], s.labelled, None, "drawn", _outside_test(manifest, val))
     train, val = _split_validation(labelled_ids, s.validation)
-    return CaseSelection(train, val, [], len(labelled_ids), None, "all")
+    return CaseSelection(train, val, [], len(labelled_ids), None, "all", _outside_test(manifest, val))
+
+
+def _outside_test(manifest: Manifest, validation: list[str]) -> list[str]:
+    """Every case outside the dataset's test split and the validation cases (the unlabelled pool without a
+    split file)."""
+    return [c.id for c in manifest.cases if c.split != "test" and c.id not in set(validation)]
 
 
 def resolve_plan(manifest: Manifest, cfg: FinetuneConfig, base: dict[str, Any] | None,
