@@ -1,4 +1,5 @@
-"""INS (pseudo-labels, prototypes, queue) and SC-MIL (SupCon on bag views, schedule, batches)."""
+"""INS (bag prediction as published, pseudo-labels, prototypes, queue) and SC-MIL (SupCon on bag views,
+schedule, batches)."""
 
 from __future__ import annotations
 
@@ -16,7 +17,8 @@ from medcl.mil.augment import subsample_instances
 from medcl.mil.bags import Bag, BagDataset, collate_bags
 from medcl.mil.config import MILConfig
 from medcl.mil.heads import TrainingInfo, build_head
-from medcl.mil.heads.ins import INSHead
+from medcl.mil.heads.abmil import AttentionPool
+from medcl.mil.heads.ins import INSAttentionHead, INSHead
 from medcl.mil.heads.scmil import SCMILHead, transition_weight
 from medcl.mil.metrics import binary_auc
 from medcl.mil.sampling import BagBatchSampler
@@ -51,7 +53,8 @@ def ins_cfg(**over) -> MILConfig:
 
 def test_ins_pseudo_labels_recover_instance_labels():
     train, inst = toy_instances(40, seed=0)
-    head = fit_head(ins_cfg(), train, seed=0, device="cpu").head
+    head = fit_head(ins_cfg(**{"train.epochs": 60}), train, seed=0, device="cpu").head
+    assert isinstance(head, INSHead)
     conf = head.pseudo_labels
     assert conf is not None and conf.shape == (train.n_instances, 2)
     in_pos_bag = np.concatenate([np.full(b.n, b.label == 1) for b in train.bags])
@@ -61,8 +64,50 @@ def test_ins_pseudo_labels_recover_instance_labels():
     assert auc_pseudo > 0.9, f"pseudo-label instance AUC {auc_pseudo:.3f}"
     # the instance classifier generalises to new bags
     test, inst_t = toy_instances(20, seed=1)
-    scores = np.concatenate(evaluate(head, test).instance_scores)
-    assert binary_auc(inst_t, scores) > 0.9
+    pred = evaluate(head, test)
+    assert binary_auc(inst_t, np.concatenate(pred.instance_scores)) > 0.9
+    # ... and its mean instance probability ranks the bags (the official INS reports this AUC)
+    assert binary_auc(test.labels.numpy(), pred.probs[:, 1]) > 0.9
+
+
+@pytest.mark.parametrize("n_classes", [2, 3])
+def test_ins_bag_prediction_is_mean_of_instance_probabilities(n_classes):
+    """INS train_withbag_cam.py::test: bag score = torch.mean(softmax(instance outputs)[:, 1], dim=0)."""
+    torch.manual_seed(0)
+    head = build_head(ins_cfg(), D, n_classes).eval()
+    head.set_standardization(torch.randn(D) * 0.1, torch.rand(D) + 0.5)
+    sizes = [1, 3, 8]
+    x = torch.randn(len(sizes), 11, D) * 1e3  # garbage padding
+    mask = torch.zeros(len(sizes), 11, dtype=torch.bool)
+    for i, n in enumerate(sizes):
+        x[i, :n] = torch.randn(n, D)
+        mask[i, :n] = True
+    with torch.no_grad():
+        out = head(x, mask)
+    probs = head.predict(x, mask)
+    for i, n in enumerate(sizes):
+        inst = torch.softmax(out.extras["instance_logits"][i, :n], dim=1)  # [n, K], the instance classifier
+        torch.testing.assert_close(probs[i], inst.mean(0), atol=1e-6, rtol=1e-5)
+        torch.testing.assert_close(probs[i, 1], torch.mean(inst[:, 1], dim=0), atol=1e-6, rtol=1e-5)
+        with torch.no_grad():  # the bag alone: padding changes nothing
+            alone = head.predict(x[i : i + 1, :n], mask[i : i + 1, :n])[0]
+        torch.testing.assert_close(alone, probs[i], atol=1e-6, rtol=1e-5)
+
+
+def test_ins_published_head_has_no_attention_or_bag_head():
+    head = build_head(ins_cfg(), D, 2)
+    assert type(head) is INSHead
+    assert not any(isinstance(m, AttentionPool) for m in head.modules())
+    assert not any(name.split(".")[0] in ("pool", "classifier") for name, _ in head.named_parameters())
+    assert "attention" not in head(torch.randn(1, 4, D)).extras
+    train, _ = toy_instances(8, seed=0)
+    head.prepare_training(TrainingInfo(8, train.n_instances, train.labels, 1, 1, train.n_instances))
+    terms = head.training_loss(collate_bags([train[i] for i in range(8)]), progress=0.5)
+    assert set(terms) == {"loss", "instance", "contrastive"}  # no bag loss
+    # the earlier variant keeps its gated-attention bag head under another name
+    variant = build_head(ins_cfg(head="ins_attention"), D, 2)
+    assert type(variant) is INSAttentionHead
+    assert any(isinstance(m, AttentionPool) for m in variant.modules())
 
 
 def test_ins_prototype_update_matches_sequential_ema():

@@ -12,8 +12,10 @@ abmil          :class:`~medcl.mil.heads.abmil.ABMIL`                          Il
 gated_abmil    :class:`~medcl.mil.heads.abmil.ABMIL` (``gated=True``)         Ilse et al., 2018
 transmil       :class:`~medcl.mil.heads.transmil.TransMIL`                    Shao et al., 2021
 dsmil          :class:`~medcl.mil.heads.dsmil.DSMIL`                          Li et al., 2021
+dsmil_softmax  :class:`~medcl.mil.heads.dsmil.DSMILSoftmax` (medcl variant)   Li et al., 2021
 clam_sb        :class:`~medcl.mil.heads.clam.CLAMSB`                          Lu et al., 2021
 ins            :class:`~medcl.mil.heads.ins.INSHead`                          Qu et al., 2023
+ins_attention  :class:`~medcl.mil.heads.ins.INSAttentionHead` (medcl variant) Qu et al., 2023
 scmil          :class:`~medcl.mil.heads.scmil.SCMILHead` (wraps one of the above)   Juyal et al., 2024
 =============  ==============================================================  ==========================
 """
@@ -24,8 +26,8 @@ from __future__ import annotations
 from medcl.mil.heads.abmil import ABMIL, AttentionPool
 from medcl.mil.heads.base import MILHead, MILOutput, TrainingInfo, masked_max, masked_mean, masked_softmax
 from medcl.mil.heads.clam import CLAMSB
-from medcl.mil.heads.dsmil import DSMIL
-from medcl.mil.heads.ins import INSHead
+from medcl.mil.heads.dsmil import DSMIL, DSMILSoftmax
+from medcl.mil.heads.ins import INSAttentionHead, INSHead
 from medcl.mil.heads.pooling import MaxPoolMIL, MeanPoolMIL
 from medcl.mil.heads.registry import (
     HeadSpec,
@@ -40,7 +42,8 @@ from medcl.mil.heads.scmil import SCMILHead
 from medcl.mil.heads.transmil import TransMIL
 
 __all__ = [
-    "ABMIL", "AttentionPool", "CLAMSB", "DSMIL", "HeadSpec", "INSHead", "MILHead", "MILOutput", "MaxPoolMIL",
-    "MeanPoolMIL", "SCMILHead", "TrainingInfo", "TransMIL", "build_head", "config_sections", "head_names",
-    "head_spec", "instance_score_name", "masked_max", "masked_mean", "masked_softmax", "register_head",
+    "ABMIL", "AttentionPool", "CLAMSB", "DSMIL", "DSMILSoftmax", "HeadSpec", "INSAttentionHead", "INSHead",
+    "MILHead", "MILOutput", "MaxPoolMIL", "MeanPoolMIL", "SCMILHead", "TrainingInfo", "TransMIL", "build_head",
+    "config_sections", "head_names", "head_spec", "instance_score_name", "masked_max", "masked_mean",
+    "masked_softmax", "register_head",
 ]
