@@ -66,7 +66,7 @@ def run_method(method: str, data: Path, args: argparse.Namespace) -> dict[str, A
 
     cfg = resolve_config(
         ROOT / "configs" / "pretrain" / f"{METHOD_FILES[method]}.yaml",
-        method_overrides(method, args.size, args.views) + ["data.probe_volumes=0", "optim.warmup_steps=0"],
+        method_overrides(method, args.size, args.views) + ["data.probe_volumes=0", "optim.lr_warmup_steps=0"],
         max_steps=args.steps,
     )
     manifest = load_manifest(data)
@@ -114,7 +114,7 @@ def run_method(method: str, data: Path, args: argparse.Namespace) -> dict[str, A
                 if pt:
                     phases[f"phase{i}_" + "+".join(ph.terms or list(cfg.terms))] = pt[len(pt) // 2]
                 start = end
-        batch = collate_views([stream[i] for i in range(cfg.data.volumes_per_step)])
+        batch = render_views(collate_views([stream[i] for i in range(cfg.data.volumes_per_step)]))
         voxels = sum(vb.views[:, :1].numel() for vb in batch["views"].values())
         results[mode] = {"step_s": med, "steps_per_s": 1.0 / med, "voxels_per_s": voxels / med, **phases}
         results["views_per_step"] = sum(len(vb) for vb in batch["views"].values())
@@ -134,7 +134,7 @@ def _datamodule(mode: str, trainer: Any, cfg: Any, stream: Any, args: argparse.N
     import lightning as L
 
     from medcl.engine.stream import StreamLoader, StreamSampler
-    from medcl.pretrain.data import collate_views
+    from medcl.pretrain.data import collate_views, render_views
 
     class DM(L.LightningDataModule):
         def train_dataloader(self):
@@ -155,12 +155,12 @@ def count_step_flops(cfg, stream, accel: str) -> float:
     """FLOPs of forward + backward of one training step (``torch.utils.flop_counter``)."""
     from torch.utils.flop_counter import FlopCounterMode
 
-    from medcl.pretrain.data import collate_views
+    from medcl.pretrain.data import collate_views, render_views
     from medcl.pretrain.module import PretrainModule
     from medcl.pretrain.terms import StepContext
 
     module = PretrainModule(cfg, {}).cuda()
-    batch = collate_views([stream[i] for i in range(cfg.data.volumes_per_step)])
+    batch = render_views(collate_views([stream[i] for i in range(cfg.data.volumes_per_step)]))
     views = {k: v.to("cuda") for k, v in batch["views"].items()}
     uid = {k: v.cuda() for k, v in batch["uid"].items()}
     active, _ = module.phase_at(0)

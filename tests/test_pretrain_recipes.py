@@ -265,7 +265,7 @@ def test_recipes_resolve_through_base_to_the_configs_they_were_before():
     """The recipes inherit seed, data, backbone, optim, trainer and monitor from base/common.yaml; each resolves to
     exactly the config it had before the inheritance (tests/data/pretrain_recipes_resolved.json), except for the
     renamed key (optim.warmup_steps -> optim.lr_warmup_steps) and the keys added since (threads, device,
-    terms.*.target_norm)."""
+    terms.*.target_norm, data.render)."""
     before = json.loads((Path(__file__).parent / "data" / "pretrain_recipes_resolved.json").read_text())
     assert sorted(set(RECIPES) - set(before)) == ["mae"]  # the one recipe added since
     for name in before:
@@ -273,6 +273,7 @@ def test_recipes_resolve_through_base_to_the_configs_they_were_before():
         assert (now.pop("threads"), now.pop("device")) == (None, "auto")
         now["optim"]["warmup_steps"] = now["optim"].pop("lr_warmup_steps")
         assert all(t.pop("target_norm") == "none" for t in now["terms"].values())  # added since, default kept
+        assert now["data"].pop("render") == "device"
         assert now == before[name], name
         raw = (CONFIGS / f"{name}.yaml").read_text()
         assert "base: base/common.yaml" in raw and "trainer:" not in raw, f"{name} repeats what the base holds"
@@ -294,14 +295,14 @@ def test_yaml_base_inheritance_merges_mappings_and_refuses_cycles(tmp_path):
 def _mae_step(phantoms, overrides=()):
     """One batch of configs/pretrain/mae.yaml through the stream, the backbone and its reconstruction term."""
     from medcl.data import CaseDataset, load_manifest
-    from medcl.pretrain.data import PretrainStream, collate_views
+    from medcl.pretrain.data import PretrainStream, collate_views, render_views
     from medcl.pretrain.terms import StepContext
 
     cfg = load_config(PretrainConfig, CONFIGS / "mae.yaml", list(overrides))
     m = load_manifest(phantoms)
     ds = CaseDataset(m, cfg.data.plan, with_label=False, cache="none")
     stream = PretrainStream(ds, cfg, ["masked"])
-    batch = collate_views([stream[p] for p in range(2)])
+    batch = render_views(collate_views([stream[p] for p in range(2)]))
     torch.manual_seed(0)
     net = build_backbone(cfg.backbone)
     term = build_term("recon", cfg.terms["recon"].__class__(**{**cfg.terms["recon"].__dict__,

@@ -615,3 +615,41 @@ def test_samplers_on_a_real_hippocampus_crop(shared_data):
     assert torch.isfinite(voco.views).all() and torch.allclose(voco.targets[8:].sum(1), torch.ones(4))
     part = PartitionViewSampler(CropSpec(16), partitions=4)(vol, gen())
     assert part.views.shape == (8, 1, 16, 16, 16)
+
+
+# ------------------------------------------------------------------------------ plans (deferred rendering)
+def test_plan_draws_what_the_call_draws_and_renders_the_same_views():
+    """``sampler.plan`` makes every draw of ``sampler(...)`` (the generator ends in the same state) and renders
+    into the same ViewBatch; block masks drawn from the shape alone equal :func:`block_mask`'s."""
+    from medcl.views.candidates import CandidatePairSampler
+
+    vol = _aniso_volume()
+    vol_a, vol_b = _shifted_pair()
+    singles = {**_all_samplers(), "first plain": PartitionViewSampler(CropSpec(12), partitions=2, augment_first=False)}
+    for name, sampler in singles.items():
+        g1, g2 = gen(5), gen(5)
+        a, pending = sampler(vol, g1), sampler.plan(vol, g2)
+        assert torch.equal(g1.get_state(), g2.get_state()), name
+        b = pending.render()
+        assert torch.equal(a.views, b.views) and torch.equal(a.affine, b.affine), name
+        m1, m2 = BlockMasking(0.5, 4)(a, gen(6)), BlockMasking(0.5, 4).plan(pending, gen(6)).render()
+        assert torch.equal(m1.views, m2.views) and torch.equal(m1.mask, m2.mask) and torch.equal(m1.target, m2.target)
+    pairs = {"ssim": CrossVolumePairSampler(CropSpec(12), n_crops=2),
+             "candidates": CandidatePairSampler(CropSpec(12), n_crops=2, candidates=3, intensity=IntensityAugment())}
+    for name, sampler in pairs.items():
+        g1, g2 = gen(7), gen(7)
+        (a, ia), (pending, ib) = sampler(vol_a, vol_b, g1), sampler.plan(vol_a, vol_b, g2)
+        assert torch.equal(g1.get_state(), g2.get_state()), name
+        b = pending.render()
+        assert torch.equal(a.views, b.views) and torch.equal(a.match, b.match), name
+        assert ia.keys() == ib.keys()
+
+
+def test_intensity_noise_from_a_seed_is_the_seeded_generators():
+    views = torch.zeros(3, 1, 6, 6, 6)
+    params = {**IntensityAugment.identity(3), "noise_std": torch.tensor([0.0, 1.0, 2.0], dtype=torch.float64)}
+    a = apply_intensity(views, params, 1234)
+    g = torch.Generator().manual_seed(1234)
+    noise = torch.randn((2, 1, 6, 6, 6), generator=g)
+    assert torch.equal(a[0], views[0]) and torch.equal(a[1:], noise * torch.tensor([1.0, 2.0]).reshape(2, 1, 1, 1, 1))
+    assert torch.equal(apply_intensity(views, IntensityAugment.identity(3), 1), views)

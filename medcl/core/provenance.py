@@ -10,6 +10,9 @@ A view sampler returns a :class:`ViewBatch`. Every view carries
 * ``norm``       ``[N, 4, 4]`` float64: source-volume world millimetres -> normalised coordinates of that
   volume's foreground box (``[0, 1]^3`` inside the box), so positions compare across volumes.
 
+The views themselves may be rendered later, on another device: :class:`medcl.views.pending.PendingViews`
+holds every field but ``views`` plus the render plan, and renders into a :class:`ViewBatch`.
+
 Correspondence between views ``a`` and ``b`` of one volume: ``inv(A_b) @ A_a`` maps a voxel of ``a`` to
 (continuous) voxel coordinates of ``b``. Across volumes, ``inv(norm_b @ A_b) @ norm_a @ A_a`` maps
 by normalised anatomical position.
@@ -102,6 +105,11 @@ class ViewBatch:
             kw[f.name] = v.to(device, non_blocking=non_blocking) if isinstance(v, torch.Tensor) else v
         return ViewBatch(**kw)
 
+    def pin_memory(self) -> ViewBatch:
+        """A copy in pinned host memory (what a ``DataLoader`` with ``pin_memory=True`` calls)."""
+        kw = {f.name: getattr(self, f.name) for f in fields(self)}
+        return ViewBatch(**{k: (v.pin_memory() if isinstance(v, torch.Tensor) else v) for k, v in kw.items()})
+
     def correspondence(self, a: torch.Tensor | int, b: torch.Tensor | int) -> torch.Tensor:
         """``[..., 4, 4]`` map from voxels of views ``a`` to voxel coordinates of views ``b``."""
         return torch.linalg.inv(self.affine[b]) @ self.affine[a]
@@ -127,12 +135,17 @@ class ViewBatch:
             elif any(v is None for v in vals):
                 raise ValueError(f"ViewBatch.cat: field '{f.name}' is set in some batches only")
             elif f.name == "match":
-                # groups are < len(batch): offsetting by the rows before keeps them unique
-                offsets = [0, *itertools.accumulate(len(b) for b in batches[:-1])]
-                kw[f.name] = torch.cat([torch.where(v >= 0, v + o, v) for v, o in zip(vals, offsets)], dim=0)
+                kw[f.name] = cat_groups(vals, [len(b) for b in batches])
             else:
                 kw[f.name] = torch.cat(vals, dim=0)
         return ViewBatch(**kw)
+
+
+def cat_groups(matches: Sequence[torch.Tensor], lengths: Sequence[int]) -> torch.Tensor:
+    """Concatenate ``match`` groups of batches with ``lengths`` rows: groups are ``< len(batch)``, so offsetting
+    each by the rows before keeps them unique (``-1`` stays)."""
+    offsets = [0, *itertools.accumulate(lengths[:-1])]
+    return torch.cat([torch.where(v >= 0, v + o, v) for v, o in zip(matches, offsets)], dim=0)
 
 
 def _renumber_groups(match: torch.Tensor) -> torch.Tensor:

@@ -207,6 +207,8 @@ def make_trainer(
         enable_model_summary=False,
         num_sanity_val_steps=0,
         limit_val_batches=0,
+        # cudnn autotuning for the fixed view / patch shapes of medcl's steps: on GPUs only (benchmarks/gpu_check.py
+        # reports the step with and without it: figures step_bf16_cl and step_bf16_cl_nobench)
         benchmark=accelerator == "gpu",
     )
     return trainer

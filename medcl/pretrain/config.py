@@ -230,6 +230,10 @@ class PretrainDataConfig:
         cache_dir: disk-cache folder (default: medcl's user cache).
         volumes_per_step: volumes per optimiser step and process.
         probe_volumes: volumes held back from training for the label-free probes.
+        render: where views are rendered: ``device`` (default: workers ship the drawn plan and the sub-boxes of
+            the volumes it reads; the batch is rendered on the training device after the transfer) or ``worker``
+            (rendered in the data workers; the reference path). The draws are the same; on the CPU the views are
+            bit-identical, on a GPU equal up to float rounding.
     """
 
     plan: PreprocessingPlan = field(default_factory=PreprocessingPlan)
@@ -237,6 +241,7 @@ class PretrainDataConfig:
     cache_dir: str | None = None
     volumes_per_step: int = 4
     probe_volumes: int = 4
+    render: Literal["device", "worker"] = "device"
 
     def validate(self) -> None:
         if self.volumes_per_step < 1:

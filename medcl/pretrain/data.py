@@ -4,16 +4,31 @@ Stream position ``p`` (see :mod:`medcl.engine.stream`) picks a volume and a gene
 ``(seed, epoch, p)``; every view set of the method is drawn from that volume with that generator (a pair
 view set also draws a partner volume from it), so the views of a position are a pure function of the
 seed: exact resume and DDP equivalence follow. View ids are ``p * UID_STRIDE + j``.
+
+Where views are rendered is ``render`` (``data.render`` of the config, default ``device``):
+
+* ``device`` -- an item holds no rendered view: per view set a :class:`~medcl.views.pending.PendingViews`
+  (provenance, the drawn render plan -- view maps, intensity parameters, noise seeds, block masks -- and
+  the sub-boxes of the volumes that its views read). The batch is rendered on the training device right
+  after the transfer (:func:`render_views` in :meth:`PretrainDataModule.on_after_batch_transfer`; a batch of
+  another loader at the start of the step, ``PretrainModule.rendered``), so the data workers only load cached
+  volumes and cut sub-boxes, and the GPU does the resampling;
+* ``worker`` -- the views are rendered in the data workers (on the CPU), the reference path.
+
+The draws are the same in both (the plan is drawn first, then rendered), so the views are too: bit for bit
+on the CPU (``tests/test_render_on_device.py``); on a GPU up to float rounding, and the intensity noise of a
+seed comes from the GPU's generator.
 """
 
 from __future__ import annotations
 
-from typing import Any
+from typing import Any, Literal
 
 import lightning as L
 import torch
 from torch.utils.data import Dataset
 
+from medcl.core.errors import MedclConfigError
 from medcl.core.provenance import ViewBatch
 from medcl.engine.seeding import generator_for
 from medcl.engine.stream import StreamIndex, StreamLoader, StreamSampler
@@ -33,6 +48,10 @@ from medcl.views import (
     SSIMMatcher,
 )
 from medcl.views.candidates import CandidatePairSampler
+from medcl.views.pending import PendingViews
+
+RenderAt = Literal["device", "worker"]
+RENDER_MODES = ("device", "worker")
 
 _AXIS = {"SI": "S", "LR": "R", "AP": "A"}
 
@@ -76,11 +95,18 @@ class PretrainStream(Dataset):
 
     Args:
         volumes: a :class:`medcl.data.CaseDataset` (without labels) of the training volumes.
-        cfg: the pretraining config (``views`` and ``seed`` are used).
+        cfg: the pretraining config (``views``, ``seed`` and ``data.render`` are used).
         view_sets: which ``views`` entries to draw (those used by the terms).
+        render: ``device`` (items carry :class:`PendingViews`, rendered after the transfer) or ``worker``
+            (items carry rendered :class:`ViewBatch` es); ``None``: the config's ``data.render`` (``device``
+            when the config has no such key).
     """
 
-    def __init__(self, volumes: Dataset, cfg: PretrainConfig, view_sets: list[str]) -> None:
+    def __init__(self, volumes: Dataset, cfg: PretrainConfig, view_sets: list[str], render: RenderAt | None = None) -> None:
+        render = render or getattr(cfg.data, "render", "device")
+        if render not in RENDER_MODES:
+            raise MedclConfigError("data.render", f"expected one of {', '.join(RENDER_MODES)}, got {render!r}")
+        self.render: RenderAt = render
         self.volumes = volumes
         self.seed = cfg.seed
         self.index = StreamIndex(len(volumes), cfg.seed)
@@ -103,7 +129,7 @@ class PretrainStream(Dataset):
         epoch, index = self.index(position)
         g = generator_for(self.seed, epoch, position)
         vol = self.source(index)
-        views: dict[str, ViewBatch] = {}
+        views: dict[str, ViewBatch | PendingViews] = {}
         stats: dict[str, torch.Tensor] = {}
         info: dict[str, dict[str, torch.Tensor]] = {}
         for name in self.view_sets:
@@ -111,25 +137,29 @@ class PretrainStream(Dataset):
             if self.kinds[name] == "pair":
                 n = len(self.volumes)
                 partner = (index + 1 + int(torch.randint(max(1, n - 1), (1,), generator=g))) % n if n > 1 else index
-                vb, pair_info = sampler(vol, self.source(partner), g)
+                vb, pair_info = sampler.plan(vol, self.source(partner), g)
                 if "acceptance_rate" in pair_info:
                     stats[f"{name}_acceptance"] = pair_info["acceptance_rate"].reshape(1).float()
                 if "inside" in pair_info:
                     info[name] = {"inside": pair_info["inside"]}
             else:
-                vb = sampler(vol, g)
+                vb = sampler.plan(vol, g)
             if name in self.masking:
-                vb = self.masking[name](vb, g)
-            views[name] = vb
+                vb = self.masking[name].plan(vb, g)
+            views[name] = vb.render() if self.render == "worker" else vb.crop()
         uid = {name: position * UID_STRIDE + torch.arange(len(vb), dtype=torch.long) for name, vb in views.items()}
         return {"views": views, "uid": uid, "stats": stats, "info": info}
 
 
+def _cat(batches: list[Any]) -> ViewBatch | PendingViews:
+    return PendingViews.cat(batches) if isinstance(batches[0], PendingViews) else ViewBatch.cat(batches)
+
+
 def collate_views(items: list[dict[str, Any]]) -> dict[str, Any]:
-    """Concatenate the per-volume view batches of each view set (``ViewBatch.cat``)."""
+    """Concatenate the per-volume view batches of each view set (``ViewBatch.cat`` / ``PendingViews.cat``)."""
     names = items[0]["views"].keys()
     out: dict[str, Any] = {
-        "views": {n: ViewBatch.cat([it["views"][n] for it in items]) for n in names},
+        "views": {n: _cat([it["views"][n] for it in items]) for n in names},
         "uid": {n: torch.cat([it["uid"][n] for it in items]) for n in names},
         "stats": {k: torch.cat([it["stats"][k] for it in items]) for k in items[0]["stats"]},
         "info": {
@@ -139,13 +169,29 @@ def collate_views(items: list[dict[str, Any]]) -> dict[str, Any]:
     return out
 
 
+@torch.no_grad()
+def render_views(batch: dict[str, Any]) -> dict[str, Any]:
+    """``batch`` with every :class:`PendingViews` rendered where its images are (a batch of rendered views is
+    returned as it is), after the transfer to the training device."""
+    views = batch.get("views", {})
+    if not any(isinstance(v, PendingViews) for v in views.values()):
+        return batch
+    return {**batch, "views": {n: (v.render() if isinstance(v, PendingViews) else v) for n, v in views.items()}}
+
+
 class PretrainDataModule(L.LightningDataModule):
-    """Serves the stream with this process's rank and world size (known once the trainer exists)."""
+    """Serves the stream with this process's rank and world size (known once the trainer exists), and renders
+    deferred views on the training device right after the transfer (``on_after_batch_transfer``)."""
 
     def __init__(self, stream: PretrainStream, cfg: PretrainConfig) -> None:
         super().__init__()
         self.stream = stream
         self.cfg = cfg
+
+    def on_after_batch_transfer(self, batch: Any, dataloader_idx: int) -> Any:
+        """Render the views of a deferred batch where the transfer put it (the module's device): the data
+        workers ship only the render plan and the sub-boxes of the volumes it reads."""
+        return render_views(batch) if isinstance(batch, dict) else batch
 
     def train_dataloader(self) -> StreamLoader:
         t = self.trainer

@@ -16,6 +16,7 @@ from medcl.engine.seeding import sample_seed
 from medcl.models import EMATeacher, build_backbone
 from medcl.models.backbone import key_in_prefixes
 from medcl.pretrain.config import PretrainConfig
+from medcl.pretrain.data import render_views
 from medcl.pretrain.matching import FeatureMatcher
 from medcl.pretrain.terms import StepContext, Term, build_term, uses_teacher
 
@@ -111,7 +112,15 @@ class PretrainModule(L.LightningModule):
         return x.contiguous(memory_format=torch.channels_last_3d) if self.channels_last else x
 
     # ----------------------------------------------------------------------------------------- training
+    def rendered(self, batch: dict[str, Any]) -> dict[str, Any]:
+        """``batch`` with its deferred views rendered where they are (:func:`medcl.pretrain.data.render_views`),
+        outside autocast. :class:`~medcl.pretrain.data.PretrainDataModule` renders right after the transfer
+        (its ``on_after_batch_transfer``); this catches batches of any other loader, at the start of the step."""
+        with torch.autocast(self.device.type, enabled=False):
+            return render_views(batch)
+
     def training_step(self, batch: dict[str, Any], batch_idx: int) -> Tensor:
+        batch = self.rendered(batch)
         step = self.global_step
         active, frozen = self.phase_at(step)
         self._apply_freeze(frozen)

@@ -19,7 +19,10 @@ the source id, partition index (or -1) and one 4x4 affine from view voxel to sou
 * :class:`BlockMasking` / :func:`block_mask` -- block masking for reconstruction.
 
 All randomness comes from the ``torch.Generator`` passed in (per-sample seeds:
-:func:`medcl.engine.seeding.generator_for`); voxel work runs on the image's device.
+:func:`medcl.engine.seeding.generator_for`); voxel work runs on the image's device. ``sampler.plan(...)``
+makes every draw of ``sampler(...)`` without rendering: a :class:`PendingViews` (provenance, render jobs,
+block masks) that renders later, e.g. on the GPU from the sub-boxes a data worker shipped
+(:mod:`medcl.views.pending`), giving the same views.
 """
 
 from medcl.views.augment import IntensityAugment, SpatialAugment, apply_intensity, augment_affine
@@ -27,6 +30,7 @@ from medcl.views.crop import CropSpec, place_crops, render
 from medcl.views.masking import BlockMasking, block_mask
 from medcl.views.mining import CrossVolumePairSampler, Matcher, MatchResult, NormalisedMatcher, SSIMMatcher
 from medcl.views.partition import PartitionViewSampler
+from medcl.views.pending import PendingViews, RenderJob
 from medcl.views.position import PositionViewSampler
 from medcl.views.random import RandomViewSampler
 from medcl.views.source import SourceVolume
@@ -52,4 +56,6 @@ __all__ = [
     "ssim3d",
     "block_mask",
     "BlockMasking",
+    "PendingViews",
+    "RenderJob",
 ]

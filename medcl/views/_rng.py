@@ -2,8 +2,10 @@
 
 Small parameters (crop centres, flips, scales, intensity factors) are drawn on the generator's device
 in float64 and planned on the CPU, so a seed gives the same geometry whatever device the image is on.
-Voxel-sized noise is drawn on the image's device: directly from the generator when it lives there, else
-from a generator on that device seeded from the caller's.
+Voxel-sized noise is never drawn from the caller's generator: a sampler draws one :func:`seed` from it and
+the noise comes from a generator on the image's device seeded by that number, so the caller's generator
+advances by the same draws whether the views are rendered at once or later on another device
+(:mod:`medcl.views.pending`), and on the CPU both give the same noise.
 """
 
 from __future__ import annotations
@@ -28,11 +30,20 @@ def randint(generator: torch.Generator, low: int, high: int, *shape: int) -> tor
     return torch.randint(low, high, shape, generator=generator, device=generator.device).cpu()
 
 
+def seed(generator: torch.Generator) -> int:
+    """One int64 seed in ``[0, 2**62)`` drawn from ``generator`` (one draw, whatever the device)."""
+    return int(torch.randint(0, 2**62, (1,), generator=generator, device=generator.device).cpu())
+
+
+def seeded(seed_value: int, device: torch.device | str) -> torch.Generator:
+    """A new generator on ``device`` seeded by ``seed_value``."""
+    out = torch.Generator(device=torch.device(device))
+    out.manual_seed(int(seed_value))
+    return out
+
+
 def device_generator(generator: torch.Generator, device: torch.device) -> torch.Generator:
     """The caller's generator if it lives on ``device``, else a new one there seeded from it."""
     if torch.device(generator.device) == torch.device(device):
         return generator
-    seed = int(torch.randint(0, 2**62, (1,), generator=generator, device=generator.device).cpu())
-    out = torch.Generator(device=device)
-    out.manual_seed(seed)
-    return out
+    return seeded(seed(generator), device)

@@ -263,9 +263,20 @@ class IntensityAugment:
             "noise_std": torch.where(on[:, 4], std, zero),
         }
 
+    @staticmethod
+    def identity(n: int) -> dict[str, torch.Tensor]:
+        """Parameters that leave ``n`` views unchanged (the rows of views that are not augmented)."""
+        zero = torch.zeros(n, dtype=torch.float64)
+        return {"sigma": torch.zeros(n, 3, dtype=torch.float64), "gamma": torch.ones(n, dtype=torch.float64),
+                "factor": zero, "offset": zero.clone(), "noise_std": zero.clone()}
+
     def __call__(self, views: torch.Tensor, generator: torch.Generator) -> torch.Tensor:
-        """``[N, C, D, H, W]`` -> augmented ``[N, C, D, H, W]`` (same device and dtype)."""
-        return apply_intensity(views, self.draw(views.shape[0], generator), generator)
+        """``[N, C, D, H, W]`` -> augmented ``[N, C, D, H, W]`` (same device and dtype).
+
+        Draws the parameters, then one noise seed (:func:`medcl.views._rng.seed`), from ``generator``.
+        """
+        params = self.draw(views.shape[0], generator)
+        return apply_intensity(views, params, _rng.seed(generator))
 
 
 def gaussian_kernels(sigma: torch.Tensor, truncated: float = 4.0) -> torch.Tensor:
@@ -316,13 +327,15 @@ def smooth(views: torch.Tensor, sigma: torch.Tensor) -> torch.Tensor:
 
 
 def apply_intensity(
-    views: torch.Tensor, params: dict[str, torch.Tensor], generator: torch.Generator | None = None
+    views: torch.Tensor, params: dict[str, torch.Tensor], noise: torch.Generator | int | None = None
 ) -> torch.Tensor:
     """Apply :meth:`IntensityAugment.draw` parameters to ``[N, C, D, H, W]`` views (vectorised).
 
     Each transform runs only on the views that drew it (the selection is known on the CPU, so there is
-    no host sync on an accelerator). ``generator`` draws the noise (needed only when some
-    ``noise_std > 0``).
+    no host sync on an accelerator). ``noise`` is where the noise comes from (needed only when some
+    ``noise_std > 0``): a seed (an ``int``: a generator on the views' device seeded by it, what the
+    samplers use, so the noise of a seed is the same whenever the views are rendered) or a generator
+    (used directly on its own device, else a generator on the views' device seeded from it).
     """
     dev, dt = views.device, views.dtype
     x = views.clone()
@@ -347,9 +360,9 @@ def apply_intensity(
         x = torch.addcmul(shift, x, scale)
     sel = rows(params["noise_std"] > 0)
     if sel is not None:
-        if generator is None:
-            raise ValueError("apply_intensity: a generator is needed to draw the noise")
-        g = _rng.device_generator(generator, dev)
+        if noise is None:
+            raise ValueError("apply_intensity: a noise seed or generator is needed to draw the noise")
+        g = _rng.seeded(noise, dev) if isinstance(noise, int) else _rng.device_generator(noise, dev)
         noise = torch.randn((sel[0].numel(), *views.shape[1:]), generator=g, device=dev, dtype=dt)
         x[sel[1]] += noise * params["noise_std"][sel[0]].to(dev, dt).reshape(-1, 1, 1, 1, 1)
     return x

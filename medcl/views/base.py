@@ -1,8 +1,14 @@
-"""What every view sampler shares: orientation, augmentation, placement, rendering, the batch."""
+"""What every view sampler shares: orientation, augmentation, placement, the render plan, the batch.
+
+A sampler's ``plan(volume, generator)`` draws everything (geometry, intensity parameters, a noise seed)
+and returns a :class:`~medcl.views.pending.PendingViews`; ``sampler(volume, generator)`` renders it at
+once. The draws are the same either way, so views rendered later on another device are the same views.
+"""
 
 from __future__ import annotations
 
 from collections.abc import Callable
+from dataclasses import replace
 from typing import Literal
 
 import torch
@@ -11,7 +17,8 @@ from medcl.core.errors import MedclConfigError
 from medcl.core.provenance import ViewBatch
 from medcl.views import _rng
 from medcl.views.augment import IntensityAugment, SpatialAugment, SpatialDraw, identity_draw
-from medcl.views.crop import CropSpec, PaddingMode, place_crops, render, spacing_along
+from medcl.views.crop import CropSpec, PaddingMode, place_crops, spacing_along
+from medcl.views.pending import PendingViews, RenderJob
 from medcl.views.source import SourceVolume
 
 Orient = Literal["ras", "source"]
@@ -135,14 +142,45 @@ class ViewSamplerBase:
         return place_crops(self.linear(volume, draw), self.crop.shape, centres, volume.shape, clamp=clamp)
 
     # ------------------------------------------------------------------ output
+    def job(
+        self, vox_map: torch.Tensor, generator: torch.Generator, intensity: bool = True, plain_first: int = 0, image: int = 0
+    ) -> RenderJob:
+        """The render plan of views at ``vox_map``: intensity parameters and a noise seed drawn here, from
+        ``generator``, when intensity augmentation is configured (``plain_first`` leading views get identity
+        parameters: not augmented)."""
+        n = int(vox_map.shape[0])
+        params, seed = None, None
+        if intensity and self.intensity is not None and n > plain_first:
+            params = self.intensity.draw(n - plain_first, generator)
+            if plain_first:
+                ident = IntensityAugment.identity(plain_first)
+                params = {k: torch.cat([ident[k], v]) for k, v in params.items()}
+            seed = _rng.seed(generator)
+        return RenderJob(image, vox_map.detach().double().cpu(), self.crop.shape, self.padding_mode, params, seed)
+
     def render(
         self, volume: SourceVolume, vox_map: torch.Tensor, generator: torch.Generator, intensity: bool = True
     ) -> torch.Tensor:
         """``[N, C, D, H, W]`` views of ``volume`` at ``vox_map``, intensity-augmented if configured."""
-        views = render(volume.image, vox_map, self.crop.shape, padding_mode=self.padding_mode)
-        if intensity and self.intensity is not None:
-            views = self.intensity(views, generator)
-        return views
+        return self.job(vox_map, generator, intensity).render([volume.image])
+
+    @staticmethod
+    def pending(
+        volume: SourceVolume, job: RenderJob, partition: torch.Tensor | None = None, **extra: torch.Tensor | None
+    ) -> PendingViews:
+        """The :class:`PendingViews` of one job on ``volume`` (provenance on the CPU, float64 affines)."""
+        n = len(job)
+        if partition is None:
+            partition = torch.full((n,), -1, dtype=torch.long)
+        return PendingViews(
+            images=[volume.image],
+            jobs=[replace(job, image=0)],
+            source_id=torch.full((n,), int(volume.source_id), dtype=torch.long),
+            partition=partition.cpu(),
+            affine=volume.affine @ job.vox_map,
+            norm=volume.norm.expand(n, 4, 4).contiguous(),
+            **{k: (v.cpu() if v is not None else None) for k, v in extra.items()},
+        )
 
     @staticmethod
     def batch(

@@ -15,6 +15,8 @@ mean anything); intensity augmentation is applied independently to every view.
 
 from __future__ import annotations
 
+from dataclasses import replace
+
 import torch
 
 from medcl.core.provenance import ViewBatch
@@ -23,6 +25,7 @@ from medcl.views.augment import IntensityAugment, identity_draw
 from medcl.views.base import Orient, ViewSamplerBase, check_count, check_non_negative, fg_biased_points
 from medcl.views.crop import CropSpec, PaddingMode, inside_fraction
 from medcl.views.mining import NormalisedMatcher, snap_to_grid
+from medcl.views.pending import PendingViews
 from medcl.views.source import SourceVolume
 
 ROLE_ANCHOR = 0
@@ -66,6 +69,13 @@ class CandidatePairSampler(ViewSamplerBase):
     def __call__(
         self, vol_a: SourceVolume, vol_b: SourceVolume, generator: torch.Generator
     ) -> tuple[ViewBatch, dict[str, torch.Tensor]]:
+        pending, info = self.plan(vol_a, vol_b, generator)
+        return pending.render(), info
+
+    def plan(
+        self, vol_a: SourceVolume, vol_b: SourceVolume, generator: torch.Generator
+    ) -> tuple[PendingViews, dict[str, torch.Tensor]]:
+        """Every draw of :meth:`__call__`, views not rendered (:class:`~medcl.views.pending.PendingViews`)."""
         n, m, shape = self.n_crops, self.candidates, self.crop.shape
         centres = fg_biased_points(vol_a, n, self.fg_prob, generator)
         vox_a = self.vox_maps(vol_a, centres, identity_draw(n), clamp=True)
@@ -78,12 +88,10 @@ class CandidatePairSampler(ViewSamplerBase):
         cand = cand.reshape(n * m, 4, 4)
         vox_b = snap_to_grid(torch.linalg.inv(vol_b.affine) @ cand, shape, vol_b.shape)
         inside = inside_fraction(vox_b, shape, vol_b.shape).reshape(n, m)
-        views_a = self.render(vol_a, vox_a, generator)
-        views_b = self.render(vol_b, vox_b, generator).to(views_a.device)
-        batch = ViewBatch.cat([self.batch(vol_a, views_a, vox_a), self.batch(vol_b, views_b, vox_b)])
-        dev = views_a.device
-        anchor = torch.arange(n, device=dev)
-        role = torch.cat([torch.full((n,), ROLE_ANCHOR, device=dev), 1 + torch.arange(m, device=dev).repeat(n)])
+        job_a = self.job(vox_a, generator)
+        job_b = self.job(vox_b, generator)
+        batch = PendingViews.cat([self.pending(vol_a, job_a), self.pending(vol_b, job_b)])
+        anchor = torch.arange(n)
+        role = torch.cat([torch.full((n,), ROLE_ANCHOR), 1 + torch.arange(m).repeat(n)])
         match = torch.cat([anchor, anchor.repeat_interleave(m)])
-        batch = ViewBatch(**{**batch.__dict__, "role": role.long(), "match": match.long()})
-        return batch, {"inside": inside}
+        return replace(batch, role=role.long(), match=match.long()), {"inside": inside}

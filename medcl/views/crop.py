@@ -13,12 +13,16 @@ update a ``MetaTensor``'s affine, so an unscaled view is an exact copy of source
 ``SpatialCrop`` + ``Flip`` + ``Rotate90``) and a scaled one is the crop resampled to the output size.
 
 All views of one volume are rendered at once on the image's device (:func:`render`: one flat gather for
-the whole-voxel views, one ``torch.nn.functional.grid_sample`` call for the resampled ones); the (tiny)
-geometry is planned in float64 on the CPU.
+the whole-voxel views, a separable trilinear gather for the other axis-aligned ones -- every view the
+samplers make -- and one ``torch.nn.functional.grid_sample`` call for any other map); the (tiny) geometry
+is planned in float64 on the CPU. The two gathers compute sample positions in float64, so they give the
+same values on any sub-box of the image that holds the views (maps shifted by whole voxels), which lets
+views be rendered from the sub-box a data worker ships (:mod:`medcl.views.pending`).
 """
 
 from __future__ import annotations
 
+import itertools
 from dataclasses import dataclass
 from typing import Literal
 
@@ -147,6 +151,76 @@ def _integral_axes(vox_map: torch.Tensor, tol: float = 1e-6) -> torch.Tensor:
     return perm & whole
 
 
+def _axis_aligned(vox_map: torch.Tensor, rtol: float = 1e-9) -> torch.Tensor:
+    """``[N]`` bool: each view axis runs along one source axis (a signed, scaled permutation; any offset)."""
+    lin = vox_map[:, :3, :3]
+    nz = lin.abs() > rtol * lin.abs().amax(dim=(1, 2), keepdim=True)
+    return (nz.sum(dim=1) == 1).all(dim=1) & (nz.sum(dim=2) == 1).all(dim=1)
+
+
+def _reflect(x: torch.Tensor, size: torch.Tensor) -> torch.Tensor:
+    """Continuous coordinates reflected into ``[0, size - 1]`` as ``grid_sample`` (align_corners=True)."""
+    span = (size - 1).double()
+    safe = span.clamp(min=1.0)
+    x = x.abs()
+    flips = torch.floor(x / safe)
+    extra = x - flips * safe
+    out = torch.where(flips % 2 == 0, extra, safe - extra)
+    return torch.where(span > 0, out, torch.zeros_like(out))
+
+
+def _linear_views(
+    image: torch.Tensor, vox_map: torch.Tensor, out_shape: tuple[int, int, int], padding_mode: str
+) -> torch.Tensor:
+    """Trilinear resampling of axis-aligned views (:func:`_axis_aligned`) as eight flat gathers.
+
+    View axis ``d`` runs along source axis ``e(d)``, so the sample positions, the two neighbours and the
+    weights are 1D per view axis, computed in float64 on the CPU (padding as ``grid_sample``: ``border``
+    clamps the position, ``reflection`` reflects then clamps, ``zeros`` drops neighbours outside). The
+    result is ``grid_sample``'s trilinear interpolation without its float32 coordinate rounding, and it does
+    not depend on where the image starts: the same views from a sub-box (map shifted by whole voxels) are
+    bit-identical. Corners whose weights are all zero (unscaled axes) are skipped.
+    """
+    n, c = vox_map.shape[0], image.shape[0]
+    dev, dt = image.device, image.dtype
+    m = vox_map.double()
+    src_axis = m[:, :3, :3].abs().argmax(dim=1)  # [N, 3] source axis of each view axis
+    step = m[:, :3, :3].gather(1, src_axis[:, None, :]).squeeze(1)  # [N, 3]
+    offset = m[:, :3, 3].gather(1, src_axis)  # [N, 3]
+    size = torch.tensor(image.shape[1:], dtype=torch.long)
+    strides = torch.tensor([image.shape[2] * image.shape[3], image.shape[3], 1], dtype=torch.long)
+    index: list[list[torch.Tensor]] = []
+    weight: list[list[torch.Tensor | None]] = []
+    for d, o in enumerate(out_shape):
+        s = size[src_axis[:, d]][:, None]  # [N, 1]
+        x = offset[:, d, None] + step[:, d, None] * torch.arange(o, dtype=torch.float64)[None, :]  # [N, o]
+        if padding_mode == "reflection":
+            x = _reflect(x, s)
+        if padding_mode in ("border", "reflection"):
+            x = torch.minimum(torch.maximum(x, torch.zeros_like(x)), (s - 1).double())
+        i0 = torch.floor(x)
+        f = x - i0
+        i0 = i0.long()
+        idx, wts = [], []
+        for k, w in ((i0, 1.0 - f), (i0 + 1, f)):
+            valid = (k >= 0) & (k < s)
+            w = torch.where(valid, w, torch.zeros_like(w))
+            idx.append((k.clamp(min=0).minimum(s - 1) * strides[src_axis[:, d]][:, None]).to(dev))
+            wts.append(w.to(dev, dt) if bool((w != 0).any()) else None)
+        index.append(idx)
+        weight.append(wts)
+    flat_image = image.reshape(c, -1)
+    out = torch.zeros((c, n, *out_shape), dtype=dt, device=dev)
+    for a, b, e in itertools.product((0, 1), repeat=3):
+        wa, wb, we = weight[0][a], weight[1][b], weight[2][e]
+        if wa is None or wb is None or we is None:
+            continue
+        flat = index[0][a][:, :, None, None] + index[1][b][:, None, :, None] + index[2][e][:, None, None, :]
+        w = wa[:, :, None, None] * wb[:, None, :, None] * we[:, None, None, :]
+        out += flat_image.index_select(1, flat.reshape(-1)).reshape(c, n, *out_shape) * w
+    return out.transpose(0, 1)
+
+
 def _pad_index(idx: torch.Tensor, size: torch.Tensor, padding_mode: str) -> tuple[torch.Tensor, torch.Tensor]:
     """Whole-voxel indices ``[N, L]`` into ``[0, size)`` as ``grid_sample`` pads (align_corners=True)."""
     valid = (idx >= 0) & (idx < size)
@@ -226,7 +300,8 @@ def render(
 
     Views whose map is a signed permutation with whole-voxel steps and offsets (unscaled crops, flips,
     90-degree rotations, whole-voxel strides) are one flat gather -- exact voxel copies, what
-    ``grid_sample`` returns at voxel centres, several times faster; the others (scaled, oblique) go
+    ``grid_sample`` returns at voxel centres, several times faster; other axis-aligned views (scaled) are a
+    separable trilinear gather with float64 positions (:func:`_linear_views`); any other map (oblique) goes
     through one trilinear ``grid_sample`` call. The split is decided on the CPU when the maps are there;
     maps on an accelerator always use ``grid_sample`` (no host sync).
 
@@ -236,7 +311,7 @@ def render(
             axis-aligned ones the samplers make).
         out_shape: ``(D, H, W)``.
         padding_mode: value outside the volume (``grid_sample``'s modes; ``"border"`` repeats the edge).
-        mode: ``"bilinear"`` (trilinear) or ``"nearest"``.
+        mode: ``"bilinear"`` (trilinear) or ``"nearest"`` (``grid_sample`` for every non-integral view).
 
     Returns:
         ``[N, C, D, H, W]`` views on ``image``'s device and dtype.
@@ -244,16 +319,22 @@ def render(
     out_shape = tuple(int(s) for s in out_shape)  # type: ignore[assignment]
     if vox_map.device.type != "cpu":
         return _sample_views(image, vox_map, out_shape, padding_mode, mode).contiguous()
-    fast = _integral_axes(vox_map.double())
-    if bool(fast.all()):
-        return _gather_views(image, vox_map.double(), out_shape, padding_mode).contiguous()
-    if not bool(fast.any()):
-        return _sample_views(image, vox_map, out_shape, padding_mode, mode).contiguous()
+    vm = vox_map.double()
+    fast = _integral_axes(vm)
+    aligned = ~fast & _axis_aligned(vm) if mode == "bilinear" else torch.zeros_like(fast)
+    groups = [
+        (fast, lambda m: _gather_views(image, m, out_shape, padding_mode)),
+        (aligned, lambda m: _linear_views(image, m, out_shape, padding_mode)),
+        (~fast & ~aligned, lambda m: _sample_views(image, m, out_shape, padding_mode, mode)),
+    ]
+    for sel, fn in groups:
+        if bool(sel.all()):
+            return fn(vm).contiguous()
     out = image.new_empty((vox_map.shape[0], image.shape[0], *out_shape))
-    idx_fast = fast.nonzero().squeeze(1)
-    idx_slow = (~fast).nonzero().squeeze(1)
-    out[idx_fast.to(image.device)] = _gather_views(image, vox_map[idx_fast].double(), out_shape, padding_mode)
-    out[idx_slow.to(image.device)] = _sample_views(image, vox_map[idx_slow], out_shape, padding_mode, mode)
+    for sel, fn in groups:
+        if bool(sel.any()):
+            idx = sel.nonzero().squeeze(1)
+            out[idx.to(image.device)] = fn(vm[idx])
     return out
 
 

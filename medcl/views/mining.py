@@ -30,6 +30,7 @@ from medcl.views.base import (
     fg_biased_points,
 )
 from medcl.views.crop import CropSpec, PaddingMode, inside_fraction, place_crops, render
+from medcl.views.pending import PendingViews, RenderJob
 from medcl.views.source import SourceVolume
 from medcl.views.ssim import ssim3d
 
@@ -249,10 +250,8 @@ class CrossVolumePairSampler(ViewSamplerBase):
         self.n_crops = check_count("n_crops", n_crops)
         self.matcher = matcher if matcher is not None else SSIMMatcher()
 
-    def _augmented(
-        self, volume: SourceVolume, affine: torch.Tensor, generator: torch.Generator
-    ) -> tuple[torch.Tensor, torch.Tensor]:
-        """Spatially augment crops given as ``affine`` (view voxel -> mm): ``(vox_map, views)``."""
+    def _augmented(self, volume: SourceVolume, affine: torch.Tensor, generator: torch.Generator) -> RenderJob:
+        """Spatially augment crops given as ``affine`` (view voxel -> mm): their render job."""
         affine = affine.double()
         if self.augment is None:
             draw = identity_draw(affine.shape[0])
@@ -263,22 +262,29 @@ class CrossVolumePairSampler(ViewSamplerBase):
             draw = self.augment.sample(affine.shape[0], view_spacing, along, generator)
         aug = augment_affine(affine, self.crop.shape, draw)
         vox = torch.linalg.inv(volume.affine).to(aug.device) @ aug
-        return vox, self.render(volume, vox, generator)
+        return self.job(vox, generator)
 
     def __call__(
         self, vol_a: SourceVolume, vol_b: SourceVolume, generator: torch.Generator
     ) -> tuple[ViewBatch, dict[str, torch.Tensor]]:
+        pending, info = self.plan(vol_a, vol_b, generator)
+        return pending.render(), info
+
+    def plan(
+        self, vol_a: SourceVolume, vol_b: SourceVolume, generator: torch.Generator
+    ) -> tuple[PendingViews, dict[str, torch.Tensor]]:
+        """Every draw of :meth:`__call__` (the matcher runs here, on the un-augmented crops), the views not
+        rendered (:class:`~medcl.views.pending.PendingViews`)."""
         n = self.n_crops
         centres = fg_biased_points(vol_a, n, self.fg_prob, generator)
         vox_a = self.vox_maps(vol_a, centres, identity_draw(n), clamp=True)
         affine_a = vol_a.affine @ vox_a
         match = self.matcher(vol_a, vol_b, affine_a, self.crop.shape, generator)
-        vox_a, views_a = self._augmented(vol_a, affine_a, generator)
-        vox_b, views_b = self._augmented(vol_b, match.affine, generator)
-        views_b = views_b.to(views_a.device)
-        batch = ViewBatch.cat([self.batch(vol_a, views_a, vox_a), self.batch(vol_b, views_b, vox_b)])
-        accepted = match.accepted.to(views_a.device)
-        group = torch.where(accepted, torch.arange(n, device=accepted.device), torch.full_like(accepted, -1, dtype=torch.long))
+        job_a = self._augmented(vol_a, affine_a, generator)
+        job_b = self._augmented(vol_b, match.affine, generator)
+        batch = PendingViews.cat([self.pending(vol_a, job_a), self.pending(vol_b, job_b)])
+        accepted = match.accepted.cpu()
+        group = torch.where(accepted, torch.arange(n), torch.full_like(accepted, -1, dtype=torch.long))
         batch = replace(batch, match=torch.cat([group, group]))
         info = {
             "score": match.score,

@@ -12,6 +12,7 @@ from medcl.views import _rng
 from medcl.views.augment import IntensityAugment, SpatialAugment, identity_draw
 from medcl.views.base import Default, Orient, ViewSamplerBase, base_axes, check_count
 from medcl.views.crop import CropSpec, PaddingMode
+from medcl.views.pending import PendingViews
 from medcl.views.source import SourceVolume
 
 _AXES = {"R": 0, "L": 0, "LR": 0, "RL": 0, "A": 1, "P": 1, "AP": 1, "PA": 1, "S": 2, "I": 2, "SI": 2, "IS": 2}
@@ -118,6 +119,10 @@ class PartitionViewSampler(ViewSamplerBase):
         return idx / g, (idx + 1) / g
 
     def __call__(self, volume: SourceVolume, generator: torch.Generator) -> ViewBatch:
+        return self.plan(volume, generator).render()
+
+    def plan(self, volume: SourceVolume, generator: torch.Generator) -> PendingViews:
+        """Every draw of :meth:`__call__`, views not rendered (:class:`~medcl.views.pending.PendingViews`)."""
         p = self.n_partitions
         copies = 1 + self.n_aug
         lo, hi = self.cell_bounds()
@@ -138,11 +143,6 @@ class PartitionViewSampler(ViewSamplerBase):
         if not self.augment_first:
             draw = type(draw)(*(torch.cat([a[:p], b[p:]]) for a, b in zip(identity_draw(p), draw)))
         vox = self.vox_maps(volume, centres, draw, clamp=False)
-        if self.augment_first:
-            views = self.render(volume, vox, generator)
-        else:
-            views = self.render(volume, vox, generator, intensity=False)
-            if self.intensity is not None and copies > 1:
-                views = torch.cat([views[:p], self.intensity(views[p:], generator)])
+        job = self.job(vox, generator, plain_first=0 if self.augment_first else p)  # copy 0 plain unless augment_first
         partition = torch.arange(p, dtype=torch.long).repeat(copies)
-        return self.batch(volume, views, vox, partition)
+        return self.pending(volume, job, partition)

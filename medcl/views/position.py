@@ -17,6 +17,7 @@ from medcl.views.base import (
     fg_biased_points,
 )
 from medcl.views.crop import CropSpec, PaddingMode, place_crops
+from medcl.views.pending import PendingViews
 from medcl.views.source import SourceVolume
 
 
@@ -89,6 +90,10 @@ class PositionViewSampler(ViewSamplerBase):
         return self.grid[0] * self.grid[1] * self.grid[2]
 
     def __call__(self, volume: SourceVolume, generator: torch.Generator) -> ViewBatch:
+        return self.plan(volume, generator).render()
+
+    def plan(self, volume: SourceVolume, generator: torch.Generator) -> PendingViews:
+        """Every draw of :meth:`__call__`, views not rendered (:class:`~medcl.views.pending.PendingViews`)."""
         o = torch.tensor(self.crop.shape, dtype=torch.float64)
         g = torch.tensor(self.grid, dtype=torch.float64)
         region_shape = tuple(int(s) for s in (o * g).tolist())
@@ -113,9 +118,9 @@ class PositionViewSampler(ViewSamplerBase):
         draw = self.draw_spatial(volume, r, generator)
         rand_vox = place_crops(self.linear(volume, draw), self.crop.shape, centre_r[:, :3], volume.shape, clamp=False)
         vox = torch.cat([base_vox, rand_vox])
-        views = self.render(volume, vox, generator)
+        job = self.job(vox, generator)
         affine = volume.affine @ vox
         targets = voco_overlap_targets(affine, self.crop.shape, affine[: self.n_base], self.crop.shape)
         partition = torch.cat([torch.arange(self.n_base), torch.full((r,), -1)]).long()
         role = torch.cat([torch.full((self.n_base,), ROLE_BASE), torch.full((r,), ROLE_RANDOM)]).long()
-        return self.batch(volume, views, vox, partition, role=role, targets=targets.float())
+        return self.pending(volume, job, partition, role=role, targets=targets.float())

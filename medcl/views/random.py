@@ -16,6 +16,7 @@ from medcl.views.base import (
     fg_biased_points,
 )
 from medcl.views.crop import CropSpec, PaddingMode
+from medcl.views.pending import PendingViews
 from medcl.views.source import SourceVolume
 
 
@@ -64,6 +65,10 @@ class RandomViewSampler(ViewSamplerBase):
         self.max_offset = check_non_negative("max_offset", max_offset) if max_offset is not None else None
 
     def __call__(self, volume: SourceVolume, generator: torch.Generator) -> ViewBatch:
+        return self.plan(volume, generator).render()
+
+    def plan(self, volume: SourceVolume, generator: torch.Generator) -> PendingViews:
+        """Every draw of :meth:`__call__`, views not rendered (:class:`~medcl.views.pending.PendingViews`)."""
         n = self.n_views
         centres = fg_biased_points(volume, n, self.fg_prob, generator)
         draw = self.draw_spatial(volume, n, generator)
@@ -72,4 +77,4 @@ class RandomViewSampler(ViewSamplerBase):
             jitter = _rng.uniform_between(generator, -1.0, 1.0, n, 3) * self.max_offset * reach[:1]
             centres = centres[:1] + torch.cat([torch.zeros(1, 3, dtype=torch.float64), jitter[1:]])
         vox = self.vox_maps(volume, centres, draw, clamp=True)
-        return self.batch(volume, self.render(volume, vox, generator), vox)
+        return self.pending(volume, self.job(vox, generator))
