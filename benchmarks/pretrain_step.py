@@ -60,7 +60,7 @@ def run_method(method: str, data: Path, args: argparse.Namespace) -> dict[str, A
 
     from medcl.data import CaseDataset, load_manifest
     from medcl.engine.trainer import TrainerConfig, make_trainer, resolve_accelerator, use_channels_last
-    from medcl.pretrain.data import PretrainStream, collate_views
+    from medcl.pretrain.data import PretrainStream, collate_views, render_views
     from medcl.pretrain.module import PretrainModule
     from medcl.pretrain.run import _StepTimer
 
@@ -134,7 +134,7 @@ def _datamodule(mode: str, trainer: Any, cfg: Any, stream: Any, args: argparse.N
     import lightning as L
 
     from medcl.engine.stream import StreamLoader, StreamSampler
-    from medcl.pretrain.data import collate_views, render_views
+    from medcl.pretrain.data import collate_views
 
     class DM(L.LightningDataModule):
         def train_dataloader(self):

@@ -17,6 +17,7 @@ _JOB_MODULES = [
     "medcl.pretrain.cli",
     "medcl.mil.cli",
     "medcl.segment.cli",
+    "medcl.segment.export.cli",
     "medcl.report.cli",
     "medcl.demo_cli",
 ]

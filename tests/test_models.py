@@ -79,7 +79,7 @@ def test_dynunet_equals_monai_dynunet_with_converted_weights():
     ref = DynUNet(3, 1, 2, [3] * 4, [1, 2, 2, 2], [2, 2, 2], filters=[8, 16, 32, 64], res_block=True).eval()
     net = small(out_channels=2, res_block=True, seed=2).eval()
     report = load_backbone(net, ref.state_dict(), strict=True)
-    assert report.source_format == "monai" and report.ok and not report.missing
+    assert report.source_format == "monai-dynunet" and report.ok and not report.missing
     x = torch.randn(1, 1, 16, 16, 16)
     assert torch.equal(net(x).logits, ref(x))
 
@@ -132,7 +132,7 @@ def test_swinunetr_stages_and_equivalence_to_monai():
         in_channels=1, out_channels=2, feature_size=12, depths=(1, 1, 1, 1), window_size=4, norm_name="batch"
     ).eval()
     report = load_backbone(net, ref.state_dict(), strict=True)
-    assert report.source_format == "monai" and not report.missing
+    assert report.source_format == "monai-swinunetr" and not report.missing
     x = torch.randn(1, 1, 64, 32, 32)
     with torch.no_grad():
         out, ref_logits = net(x), ref(x)

@@ -7,7 +7,8 @@ The blocks are MONAI's own: we build a ``monai.networks.nets.DynUNet`` (so initi
 layout are exactly MONAI's) and re-register its ``input_block`` + ``downsamples`` as ``encoder``,
 ``bottleneck`` as ``bottleneck``, ``upsamples`` as ``decoder`` and ``output_block`` as ``head``. The
 forward pass is the same computation as ``DynUNet.forward`` without deep supervision, but every stage's
-map is returned. :func:`dynunet_key_map` converts MONAI ``DynUNet`` state dicts to these names.
+map is returned. :func:`dynunet_key_map` converts MONAI ``DynUNet`` state dicts to these names (key map
+``monai-dynunet`` in :mod:`medcl.models.keymaps`).
 
 Stages for ``filters=(16, 32, 64, 128)``, ``strides=(1, 2, 2, 2)`` and a ``[B, C, 48, 48, 48]`` input:
 
@@ -31,6 +32,7 @@ from monai.networks.nets import DynUNet
 from torch import Tensor, nn
 
 from medcl.models.backbone import Backbone, BackboneConfig, Stride, as_triple
+from medcl.models.keymaps import KeyMap, register_keymap
 
 _NORMS = {"instance": ("INSTANCE", {"affine": True}), "batch": ("BATCH", {"affine": True})}
 
@@ -101,7 +103,7 @@ def dynunet_key_map(n_levels: int) -> list[tuple[str, str]]:
     """(MONAI ``DynUNet`` prefix, medcl prefix) pairs for a DynUNet with ``n_levels`` filters.
 
     ``skip_layers.*`` in a MONAI state dict are duplicates of the same tensors and are dropped by
-    :func:`medcl.models.weights.convert_monai_state_dict`; deep-supervision heads have no counterpart.
+    :func:`medcl.models.keymaps.apply_keymap` (map ``monai-dynunet``); deep-supervision heads have no counterpart.
     """
     pairs = [("input_block.", "encoder.0.")]
     pairs += [(f"downsamples.{i}.", f"encoder.{i + 1}.") for i in range(n_levels - 2)]
@@ -109,3 +111,12 @@ def dynunet_key_map(n_levels: int) -> list[tuple[str, str]]:
     pairs += [(f"upsamples.{j}.", f"decoder.{j}.") for j in range(n_levels - 1)]
     pairs += [("output_block.", "head.")]
     return pairs
+
+
+register_keymap(KeyMap(
+    name="monai-dynunet",
+    description="MONAI DynUNet state dict (input_block / downsamples / bottleneck / upsamples / output_block)",
+    backbones=("dynunet",),
+    pairs=lambda backbone: dynunet_key_map(len(backbone.config.filters)),
+    drop=("skip_layers.",),  # DynUNet registers its blocks twice; these are the copies
+))

@@ -1,4 +1,4 @@
-"""Build a backbone from its config; the MONAI key maps per backbone kind."""
+"""Build a backbone from its config."""
 
 from __future__ import annotations
 
@@ -29,13 +29,3 @@ def build_backbone(cfg: BackboneConfig | dict[str, Any]) -> Backbone:
         return SwinUNETRBackbone(cfg)
     raise MedclConfigError("backbone.name", f"unknown backbone {cfg.name!r}; choose dynunet or swinunetr")
 
-
-def monai_key_map(backbone: Backbone) -> list[tuple[str, str]]:
-    """(MONAI prefix, medcl prefix) pairs converting the state dict of the equivalent MONAI network."""
-    if backbone.config.name == "dynunet":
-        from medcl.models.dynunet import dynunet_key_map
-
-        return dynunet_key_map(len(backbone.config.filters))
-    from medcl.models.swin import swinunetr_key_map
-
-    return swinunetr_key_map()

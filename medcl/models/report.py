@@ -34,7 +34,8 @@ class LoadReport:
     Attributes:
         source: file path, or ``"<state dict>"``.
         key_prefix: prefix stripped from the source keys (``""``, ``"backbone."``...).
-        source_format: ``"medcl"`` or ``"monai"`` (keys converted from a MONAI network).
+        source_format: ``"medcl"``, or the key map that converted the keys (``"monai-dynunet"``, ...;
+            :mod:`medcl.models.keymaps`).
         prefixes: the stages requested, ``None`` = all.
         loaded: keys copied unchanged.
         adapted: ``{"key", "source_shape", "target_shape", "rule"}`` for input weights adapted to a new
@@ -72,7 +73,7 @@ class LoadReport:
         lines = [
             f"weights from {self.source}"
             + (f" (keys under {self.key_prefix!r})" if self.key_prefix else "")
-            + (" [converted from MONAI names]" if self.source_format == "monai" else "")
+            + (f" [converted with key map {self.source_format}]" if self.source_format != "medcl" else "")
             + (f", stages {', '.join(self.prefixes)}" if self.prefixes is not None else ""),
             f"  loaded      {len(self.loaded)}/{n_target} tensors: {_by_stage(self.loaded) or '-'}",
         ]

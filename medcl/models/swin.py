@@ -31,6 +31,7 @@ from monai.networks.nets import SwinUNETR
 from torch import Tensor, nn
 
 from medcl.models.backbone import Backbone, BackboneConfig
+from medcl.models.keymaps import KeyMap, register_keymap
 
 _NORMS = {"instance": "instance", "batch": "batch"}
 
@@ -170,3 +171,11 @@ def swinunetr_key_map() -> list[tuple[str, str]]:
     for j, k in enumerate([5, 4, 3, 2, 1]):
         pairs.append((f"decoder{k}.", f"decoder.{j}."))
     return pairs
+
+
+register_keymap(KeyMap(
+    name="monai-swinunetr",
+    description="MONAI SwinUNETR state dict (swinViT / encoder1-10 / decoder1-5 / out), v1 and v2",
+    backbones=("swinunetr",),
+    pairs=lambda backbone: swinunetr_key_map(),
+))

@@ -29,7 +29,7 @@ from __future__ import annotations
 import os
 from collections import Counter
 from collections.abc import Mapping
-from typing import Any, Literal
+from typing import Any
 
 import torch
 from torch import Tensor
@@ -38,12 +38,12 @@ from medcl.config import from_dict, to_dict
 from medcl.core.errors import MedclConfigError, MedclDataError
 from medcl.models.adapt import AdaptRule, adapt_first_layer, can_adapt
 from medcl.models.backbone import Backbone, BackboneConfig, key_in_prefixes
-from medcl.models.factory import build_backbone, monai_key_map
+from medcl.models.factory import build_backbone
+from medcl.models.keymaps import apply_keymap, get_keymap, keymaps_for
 from medcl.models.report import LoadReport
 
 FORMAT = "medcl.backbone"
 FORMAT_VERSION = 1
-_MONAI_DUPLICATES = ("skip_layers.",)  # DynUNet registers its blocks twice; these are the copies
 
 
 def save_backbone(backbone: Backbone, path: str | os.PathLike, record: dict | None = None) -> None:
@@ -76,6 +76,7 @@ def load_backbone(
     key_prefix: str | None = None,
     adapt: AdaptRule | None = "mean",
     strict: bool = False,
+    key_map: str | None = None,
 ) -> LoadReport:
     """Copy weights from ``source`` into ``backbone`` (in place) and report what happened.
 
@@ -90,13 +91,15 @@ def load_backbone(
             ``"mean"`` (default), ``"repeat"``, or ``None`` to report such weights as mismatched.
         strict: raise :class:`MedclDataError` (loading nothing) if any requested target key is missing or any
             source key is unexpected or mismatched.
+        key_map: read the source with this registered key map (:mod:`medcl.models.keymaps`), or ``"medcl"`` for
+            medcl's own names; ``None`` = the reading that matches most of the backbone's keys.
 
     Returns:
         :class:`LoadReport`; mismatched shapes are never loaded.
     """
     name = str(source) if not isinstance(source, Mapping) else "<state dict>"
     obj = source if isinstance(source, Mapping) else _read(source)
-    return _load(backbone, obj, name, prefixes, key_prefix, adapt, strict)
+    return _load(backbone, obj, name, prefixes, key_prefix, adapt, strict, key_map)
 
 
 def _load(
@@ -107,8 +110,9 @@ def _load(
     key_prefix: str | None,
     adapt: AdaptRule | None,
     strict: bool,
+    key_map: str | None = None,
 ) -> LoadReport:
-    sd, record = _split_checkpoint(obj, name)
+    sd, record = _split_checkpoint(obj, name, key_map)
     target = backbone.state_dict()
     if isinstance(prefixes, str):
         prefixes = (prefixes,)
@@ -117,7 +121,7 @@ def _load(
             raise MedclConfigError(
                 "prefixes", f"{p!r} names no part of the backbone; use stage names such as {backbone.stage_names + ['head']}"
             )
-    sub, used_prefix, fmt = _select_backbone_keys(sd, backbone, key_prefix, name)
+    sub, used_prefix, fmt = _select_backbone_keys(sd, backbone, key_prefix, name, key_map)
 
     report = LoadReport(source=name, key_prefix=used_prefix, source_format=fmt,
                         prefixes=list(prefixes) if prefixes is not None else None, record=record)
@@ -162,25 +166,13 @@ def backbone_from_file(path: str | os.PathLike, **overrides: Any) -> tuple[Backb
 
 
 def convert_monai_state_dict(backbone: Backbone, sd: Mapping[str, Tensor]) -> dict[str, Tensor]:
-    """Rename the keys of a MONAI ``DynUNet``/``SwinUNETR`` state dict to ``backbone``'s stage names.
+    """Rename the keys of a MONAI ``DynUNet``/``SwinUNETR`` state dict to ``backbone``'s stage names (key maps
+    ``monai-dynunet`` / ``monai-swinunetr``).
 
     An outer prefix (``"module."``, ``"model."``) is kept; DynUNet's duplicate ``skip_layers.*`` entries
     are dropped; keys without a counterpart (deep-supervision heads) keep their name (reported unexpected).
     """
-    pairs = monai_key_map(backbone)
-    out: dict[str, Tensor] = {}
-    for k, v in sd.items():
-        new = k
-        for monai_p, medcl_p in pairs:
-            i = _find_component(k, monai_p)
-            if i >= 0:
-                new = k[:i] + medcl_p + k[i + len(monai_p):]
-                break
-        else:
-            if any(_find_component(k, d) >= 0 for d in _MONAI_DUPLICATES):
-                continue
-        out[new] = v
-    return out
+    return apply_keymap(get_keymap(f"monai-{backbone.config.name}"), backbone, sd)
 
 
 # ---- helpers ------------------------------------------------------------------------------------------
@@ -190,23 +182,32 @@ def _read(path: str | os.PathLike) -> Any:
     return safe_torch_load(path)
 
 
-def _find_component(key: str, prefix: str) -> int:
-    """Index where ``prefix`` starts a dotted component of ``key`` (0 or after a '.'), else -1."""
-    if key.startswith(prefix):
-        return 0
-    i = key.find("." + prefix)
-    return i + 1 if i >= 0 else -1
-
-
-def _split_checkpoint(obj: Any, name: str) -> tuple[dict[str, Tensor], dict | None]:
+def _split_checkpoint(obj: Any, name: str, key_map: str | None = None) -> tuple[dict[str, Tensor], dict | None]:
     if not isinstance(obj, Mapping):
         raise MedclDataError(name, f"expected a checkpoint dict or a state dict, got {type(obj).__name__}")
     record = obj.get("medcl_record") if isinstance(obj.get("medcl_record"), Mapping) else None
     sd = obj["state_dict"] if isinstance(obj.get("state_dict"), Mapping) else obj
+    unwrapped = _unwrap_foreign(obj, key_map)
+    if unwrapped is not None:
+        sd = unwrapped
     tensors = {str(k): v for k, v in sd.items() if isinstance(v, Tensor)}
     if not tensors:
         raise MedclDataError(name, "no tensors found (neither a 'state_dict' entry nor a plain state dict)")
     return tensors, dict(record) if record is not None else None
+
+
+def _unwrap_foreign(obj: Mapping[str, Any], key_map: str | None) -> Mapping[str, Any] | None:
+    """The state dict inside a foreign container (e.g. nnU-Net's ``network_weights``), if a key map knows it."""
+    from medcl.models.keymaps import keymap_names
+
+    names = [key_map] if key_map and key_map != "medcl" else keymap_names()
+    for n in names:
+        km = get_keymap(n)
+        if km.unwrap is not None:
+            sd = km.unwrap(obj)
+            if isinstance(sd, Mapping):
+                return sd
+    return None
 
 
 def _detect_prefix(
@@ -233,30 +234,42 @@ def _detect_prefix(
 
 
 def _select_backbone_keys(
-    sd: dict[str, Tensor], backbone: Backbone, key_prefix: str | None, name: str
-) -> tuple[dict[str, Tensor], str, Literal["medcl", "monai"]]:
+    sd: dict[str, Tensor], backbone: Backbone, key_prefix: str | None, name: str, key_map: str | None = None
+) -> tuple[dict[str, Tensor], str, str]:
+    """(keys under the chosen prefix, renamed to the backbone's, that prefix, the key map used or "medcl")."""
     target_keys = set(backbone.state_dict())
     if key_prefix:
         kp = key_prefix if key_prefix.endswith(".") else key_prefix + "."
         sd = {k: v for k, v in sd.items() if k.startswith(kp)}
         if not sd:
             raise MedclDataError(name, f"no keys start with key_prefix {key_prefix!r}")
-    # MONAI names are tried too: some coincide with ours (DynUNet's "bottleneck."), so the reading that
-    # matches more of the backbone's keys wins.
-    monai = convert_monai_state_dict(backbone, sd)
-    prefix, n = _detect_prefix(sd, target_keys, key_prefix)
-    m_prefix, m_n = _detect_prefix(monai, target_keys, key_prefix)
-    fmt: Literal["medcl", "monai"] = "medcl"
-    if m_n > n:
-        sd, prefix, fmt = monai, m_prefix, "monai"
-    if prefix is None or max(n, m_n) == 0:
+    # Foreign names are tried too: some coincide with ours (DynUNet's "bottleneck."), so the reading that
+    # matches most of the backbone's keys wins (medcl's own on a tie).
+    if key_map is None:
+        readings = [("medcl", sd)] + [(m.name, apply_keymap(m, backbone, sd)) for m in keymaps_for(backbone.config.name)]
+    elif key_map == "medcl":
+        readings = [("medcl", sd)]
+    else:
+        km = get_keymap(key_map)
+        if backbone.config.name not in km.backbones:
+            raise MedclConfigError("init.key_map", f"key map {key_map!r} converts to {list(km.backbones)} backbones, "
+                                                   f"not {backbone.config.name!r}")
+        readings = [(key_map, apply_keymap(km, backbone, sd))]
+    best = None
+    for fmt, reading in readings:
+        prefix, n = _detect_prefix(reading, target_keys, key_prefix)
+        if prefix is not None and n > 0 and (best is None or n > best[2]):
+            best = (reading, prefix, n, fmt)
+    if best is None:
+        tried = ", ".join(f for f, _ in readings)
         raise MedclDataError(
             name,
-            f"no tensor matches this {backbone.config.name} backbone's parameter names "
-            f"(source keys look like {next(iter(sd))!r}, expected e.g. {sorted(target_keys)[0]!r}); "
+            f"no tensor matches this {backbone.config.name} backbone's parameter names under any known layout "
+            f"({tried}; source keys look like {next(iter(sd))!r}, expected e.g. {sorted(target_keys)[0]!r}); "
             "is it a checkpoint of another architecture?",
         )
-    return {k[len(prefix):]: v for k, v in sd.items() if k.startswith(prefix)}, prefix, fmt
+    reading, prefix, _, fmt = best
+    return {k[len(prefix):]: v for k, v in reading.items() if k.startswith(prefix)}, prefix, fmt
 
 
 def _check_plain(obj: Any, where: str, path: Any) -> None:

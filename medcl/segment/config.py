@@ -46,17 +46,24 @@ class InitConfig:
         require_encoder: refuse a checkpoint that leaves any encoder or bottleneck weight missing or
             mismatched (a wrong architecture would otherwise silently train from scratch).
         adapt: first-layer rule when the input channels differ (:func:`medcl.models.adapt_first_layer`).
+        key_map: how to read a foreign checkpoint's keys: a registered key map (:mod:`medcl.models.keymaps`,
+            e.g. ``monai-dynunet``), ``medcl`` for medcl's own names, ``None`` = the reading that matches most keys.
     """
 
     checkpoint: str | None = None
     load: list[str] = field(default_factory=lambda: ["encoder", "bottleneck", "decoder"])
     require_encoder: bool = True
     adapt: Literal["mean", "repeat"] = "mean"
+    key_map: str | None = None
 
     def validate(self) -> None:
         bad = [s for s in self.load if s not in STAGE_GROUPS]
         if bad:
             raise MedclConfigError("init.load", f"unknown stage(s) {bad}; choose from {list(STAGE_GROUPS)}")
+        if self.key_map not in (None, "medcl"):
+            from medcl.models.keymaps import get_keymap
+
+            get_keymap(self.key_map)
 
 
 @dataclass

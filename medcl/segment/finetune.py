@@ -225,7 +225,7 @@ def _prepare(cfg: FinetuneConfig, data: str | os.PathLike | Manifest, out: Path,
     report = None
     if ckpt is not None:
         net, report = build_from_checkpoint(ckpt, n_ch, labels.num_classes, cfg.init.load, cfg.init.require_encoder,
-                                            cfg.init.adapt, fallback=cfg.backbone)
+                                            cfg.init.adapt, fallback=cfg.backbone, key_map=cfg.init.key_map)
         cfg.backbone = net.config
     else:
         cfg.backbone.in_channels, cfg.backbone.out_channels = n_ch, labels.num_classes

@@ -12,7 +12,13 @@ returning the :class:`medcl.models.LoadReport`.
 overrides it:
 
 * a checkpoint **without a run record** (unknown provenance: nothing says which cases it saw) --
-  ``--allow-unknown-provenance``; the run that accepts it records ``provenance: unknown``;
+  ``--allow-unknown-provenance``; the run that accepts it records ``provenance: unknown``. External weights
+  (nnU-Net, nnssl, MONAI) have no record; their user may write a **provenance sidecar** instead, which is then
+  checked like a record (``provenance: sidecar``): ``CKPT.provenance.json`` beside the file (or
+  ``provenance.json`` in its folder)::
+
+      {"cases_seen": ["hippocampus_001", ...], "patients_seen": [...], "source": "free text"}
+
 * a run whose ``cases_seen`` or ``patients_seen`` overlap the test set (DESIGN.md, idea 5: it has seen the test
   images, so its test score is not a fair few-label result) -- ``--allow-test-overlap``;
 * an **incomplete** run or checkpoint (``complete: false`` in its record: killed, or still running), naming the
@@ -32,7 +38,7 @@ from medcl.core.errors import MedclConfigError, MedclDataError
 from medcl.models import Backbone, BackboneConfig, LoadReport, build_backbone, load_backbone
 
 __all__ = ["InitCheckpoint", "Acceptance", "resolve_checkpoint", "read_checkpoint", "accept_checkpoint",
-           "build_from_checkpoint"]
+           "build_from_checkpoint", "read_provenance_sidecar", "provenance_sidecar_paths"]
 
 _RUN_FILES = ("backbone.pt", "model.pt", "checkpoints/last.ckpt")
 
@@ -45,6 +51,8 @@ class InitCheckpoint:
     contents: Mapping[str, Any]
     record: dict[str, Any] | None
     backbone: dict[str, Any] | None
+    provenance: str = "recorded"  # "recorded" (medcl run record) | "sidecar" | "unknown"
+    architecture_from: str | None = None  # the key map that read ``backbone`` from a foreign file
 
     @property
     def plan(self) -> dict[str, Any] | None:
@@ -90,20 +98,66 @@ def resolve_checkpoint(path: str | os.PathLike) -> Path:
 
 
 def read_checkpoint(path: str | os.PathLike) -> InitCheckpoint:
-    """Read a medcl checkpoint (weights-only) and find its run record and backbone config."""
+    """Read a checkpoint (weights-only) and find its run record (or provenance sidecar) and backbone config.
+
+    A foreign checkpoint (nnU-Net, nnssl, ...) that describes its own network gets its ``backbone`` from the key
+    map that reads it (:func:`medcl.models.keymaps.architecture_from`).
+    """
     from medcl.engine.checkpoint import safe_torch_load
+    from medcl.models.keymaps import architecture_from
 
     p = resolve_checkpoint(path)
     obj = safe_torch_load(p)
     if not isinstance(obj, Mapping):
         raise MedclDataError(p, f"expected a checkpoint dict, got {type(obj).__name__}")
     record = obj.get("medcl_record") if isinstance(obj.get("medcl_record"), Mapping) else None
+    provenance = "recorded"
+    if record is None:
+        record = read_provenance_sidecar(p)
+        provenance = "sidecar" if record is not None else "unknown"
     backbone = obj.get("backbone_config") if isinstance(obj.get("backbone_config"), Mapping) else None
     if backbone is None and record is not None:
         section = (record.get("config") or {}).get("backbone")
         backbone = section if isinstance(section, Mapping) else None
+    arch_from = None
+    if backbone is None:
+        found = architecture_from(obj)
+        if found is not None:
+            arch_from, backbone = found[0].name, found[1]
     return InitCheckpoint(p, obj, dict(record) if record is not None else None,
-                          dict(backbone) if backbone is not None else None)
+                          dict(backbone) if backbone is not None else None, provenance, arch_from)
+
+
+def provenance_sidecar_paths(ckpt_path: Path) -> list[Path]:
+    """Where a provenance sidecar for ``ckpt_path`` is looked for, in order."""
+    return [ckpt_path.with_name(ckpt_path.name + ".provenance.json"), ckpt_path.with_name("provenance.json")]
+
+
+def read_provenance_sidecar(ckpt_path: Path) -> dict[str, Any] | None:
+    """The record-like dict of a provenance sidecar beside ``ckpt_path`` (kind ``external``), or ``None``.
+
+    Raises:
+        MedclDataError: the sidecar is not JSON, or ``cases_seen`` / ``patients_seen`` are not lists of ids.
+    """
+    import json
+
+    for side in provenance_sidecar_paths(ckpt_path):
+        if not side.is_file():
+            continue
+        try:
+            data = json.loads(side.read_text())
+        except (OSError, ValueError) as exc:
+            raise MedclDataError(side, f"provenance sidecar is not readable JSON ({exc})") from exc
+        if not isinstance(data, Mapping) or not isinstance(data.get("cases_seen"), list):
+            raise MedclDataError(side, "a provenance sidecar must be a JSON object with a list 'cases_seen' "
+                                       "(the case ids the weights were trained on; [] if none of yours)")
+        for key in ("cases_seen", "patients_seen"):
+            if not isinstance(data.get(key, []), list) or not all(isinstance(c, str | int) for c in data.get(key, [])):
+                raise MedclDataError(side, f"'{key}' must be a list of ids")
+        return {"kind": "external", "complete": True, "cases_seen": [str(c) for c in data["cases_seen"]],
+                "patients_seen": [str(c) for c in data.get("patients_seen", [])],
+                "source": str(data.get("source", "")), "sidecar": str(side)}
+    return None
 
 
 @dataclass
@@ -144,8 +198,10 @@ def accept_checkpoint(
     """
     if ckpt.record is None and not allow_unknown_provenance:
         raise MedclDataError(ckpt.path, "has no run record, so nothing says which cases it was trained on (its "
-                                        "provenance is unknown); pass --allow-unknown-provenance to use it anyway "
-                                        "(the run then records provenance: unknown)")
+                                        "provenance is unknown); write a provenance sidecar "
+                                        f"({provenance_sidecar_paths(ckpt.path)[0].name}, with 'cases_seen') or pass "
+                                        "--allow-unknown-provenance to use it anyway (the run then records "
+                                        "provenance: unknown)")
     if ckpt.complete is False and not allow_incomplete:
         raise MedclDataError(ckpt.path, f"comes from an incomplete {ckpt.kind} run (stopped at step {ckpt.step}; "
                                         "resume it with --resume, or pass --allow-incomplete to use it as it is)")
@@ -160,7 +216,7 @@ def accept_checkpoint(
             "Pretrain without them, choose another test set, or pass --allow-test-overlap if you know what you are "
             "doing",
         )
-    return Acceptance(ckpt, "recorded" if ckpt.record is not None else "unknown", overlap, p_overlap)
+    return Acceptance(ckpt, ckpt.provenance, overlap, p_overlap)
 
 
 def build_from_checkpoint(
@@ -171,6 +227,7 @@ def build_from_checkpoint(
     require_encoder: bool = True,
     adapt: str = "mean",
     fallback: BackboneConfig | None = None,
+    key_map: str | None = None,
 ) -> tuple[Backbone, LoadReport]:
     """The checkpoint's backbone with ``in_channels`` inputs and a ``num_classes`` head, stages ``load`` loaded.
 
@@ -181,6 +238,7 @@ def build_from_checkpoint(
         require_encoder: raise if any encoder/bottleneck weight is missing or mismatched.
         adapt: first-layer rule.
         fallback: the architecture to assume when the checkpoint describes none (a plain state dict).
+        key_map: forced key map (:mod:`medcl.models.keymaps`); ``None`` = best match.
 
     Raises:
         MedclDataError: no architecture known, or (``require_encoder``) the encoder did not load completely.
@@ -195,7 +253,8 @@ def build_from_checkpoint(
     except MedclConfigError as exc:
         raise MedclDataError(ckpt.path, f"its backbone config is not valid here: {exc}") from exc
     net = build_backbone(cfg)
-    report = load_backbone(net, ckpt.contents, prefixes=list(load), adapt=adapt)  # type: ignore[arg-type]
+    report = load_backbone(net, ckpt.contents, prefixes=list(load), adapt=adapt,  # type: ignore[arg-type]
+                           key_map=key_map)
     report.source = str(ckpt.path)
     if require_encoder:
         enc = ("encoder", "bottleneck")
