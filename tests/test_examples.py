@@ -94,3 +94,28 @@ def test_mil_example_separates_bags_and_attends_to_the_planted_instances(tmp_pat
     # the head ranks the planted (tumour) instances of the bag above every normal one
     assert set(res["top"][: len(res["witnesses"])]) == set(res["witnesses"])
     assert (tmp_path / "cv" / "results.md").is_file() and (tmp_path / "cv" / "model.pt").is_file()
+
+
+def test_recipe_pilot_chooses_on_the_validation_volume_and_never_reads_a_test_case(tmp_path):
+    from medcl.data import load_manifest, write_phantom_dataset
+    from medcl.data.splits import make_label_budget_split
+
+    data = write_phantom_dataset(tmp_path / "phantoms", n=6, size=24, seed=0)
+    split = make_label_budget_split(load_manifest(data), budgets=[2], combinations=1, test=2, seed=0)
+    split.save(tmp_path / "split.json")
+    chosen = _load("recipe_pilot").main([
+        "--data", str(data), "--split", str(tmp_path / "split.json"), "--out", str(tmp_path / "pilot"),
+        "--finetune-config", str(EXAMPLES.parent / "configs" / "finetune" / "phantoms.yaml"),
+        "--seeds", "0", "--steps", "2,4", "--lrs", "1e-3,3e-3", "--thresholds", "0.5", "--stages", "supervised,semi"])
+    train, val = chosen["train"], chosen["validation"]
+    assert len(train) == 1 and len(val) == 1 and chosen["steps"] in (2, 4) and chosen["lr_semi"] in (1e-3, 3e-3)
+    rows = list(csv.DictReader(open(tmp_path / "pilot" / "pilot.csv")))
+    assert len(rows) == 2 * 2 + 2  # supervised lr x steps, semi lr x threshold
+    best = max((r for r in rows if r["stage"] == "supervised"), key=lambda r: float(r["val_dice"]))
+    assert float(best["lr"]) == chosen["lr_supervised"]
+    test = set(split.test)
+    for record in (tmp_path / "pilot" / "runs").rglob("record.json"):
+        rec = json.loads(record.read_text())
+        assert not rec["test_cases"] and not set(rec["cases_seen"]) & test  # the test set is never read
+        assert not set(rec["extra"].get("unlabelled_cases", [])) & (test | set(val))
+    assert (tmp_path / "pilot" / "pilot.png").is_file()
