@@ -133,9 +133,9 @@ def stage_mae(args, sel, rows, chosen) -> dict[str, Any]:
 
 
 def plot(args: argparse.Namespace, rows: list[dict[str, Any]], path: Path) -> None:
-    from medcl.engine.plots import save_figure
-
     import matplotlib
+
+    from medcl.engine.plots import save_figure
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
