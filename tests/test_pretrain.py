@@ -224,7 +224,9 @@ def test_sigterm_writes_a_checkpoint_exits_143_and_resumes_exactly(phantoms, tmp
     assert 2 <= ck["global_step"] < steps and ck["medcl_record"]["complete"] is False
     assert record["complete"] is False and record["step"] == ck["global_step"]
     assert not (run / "backbone.pt").exists()
-    # the half-trained run is refused as an init, naming the step and the flag
+    # the half-trained run is refused as an init, naming the step and the flag (drain what the uninterrupted
+    # run above logged first, so only the CLI's own output is read)
+    capsys.readouterr()
     rc = main(["finetune", "--data", str(phantoms), "--out", str(tmp_path / "ft"), "--init", str(run),
                "--labelled", "2", "--max-steps", "1", "--device", "cpu"])
     line = capsys.readouterr().err.strip().splitlines()
