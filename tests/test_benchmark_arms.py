@@ -46,3 +46,21 @@ def test_the_config_refuses_an_unknown_reference_or_ceiling_init():
     cfg = from_dict(LabelEfficiencyConfig, {"inits": [{"name": "random_bn", "random": True},
                                                       {"name": "voco", "method": "voco", "reference": "random_bn"}]})
     assert cfg.split.combinations == 5 and cfg.ceiling.inits == ["random"]
+
+
+def test_recipe_inits_restricts_a_recipe_to_the_inits_it_names():
+    """recipes [supervised, semi] with recipe_inits {semi: [random, mae]}: every init keeps its supervised row, only
+    the named ones get a semi row (paired with their supervised random arm); an unknown name is refused."""
+    from medcl.segment.benchmark import _with_recipes
+
+    raw = {"recipes": ["supervised", "semi"], "recipe_inits": {"semi": ["random", "mae"]},
+           "inits": [{"name": "mae", "checkpoint": "m.pt"}, {"name": "gd", "checkpoint": "g.pt"}]}
+    cfg = from_dict(LabelEfficiencyConfig, raw)
+    cfg.validate()
+    inits = [Init("random"), Init("mae", "m.pt", reference="random"), Init("gd", "g.pt", reference="random")]
+    rows = _with_recipes(cfg, inits)
+    assert [(r.name, r.recipe) for r in rows] == [("random", "supervised"), ("mae", "supervised"),
+                                                  ("gd", "supervised"), ("random+semi", "semi"), ("mae+semi", "semi")]
+    assert next(r for r in rows if r.name == "mae+semi").reference == "random"
+    with pytest.raises(MedclConfigError, match="recipe_inits.semi"):
+        from_dict(LabelEfficiencyConfig, {**raw, "recipe_inits": {"semi": ["random", "nope"]}}).validate()

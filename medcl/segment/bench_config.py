@@ -157,6 +157,8 @@ class LabelEfficiencyConfig:
         recipes: fine-tuning recipes, each a column of rows in the tables (``supervised``, ``semi``); every
             (init, recipe) gets the same steps, the same augmentation and the same learning-rate rule.
         recipe_overrides: fine-tuning keys per recipe (e.g. ``{semi: {semi: {threshold: 0.8}}}``).
+        recipe_inits: which inits get a non-supervised recipe (e.g. ``{semi: [random, mae]}``); a recipe not named
+            here runs on every init. The supervised recipe always runs on every init (it is every row's reference).
         allow_test_overlap, allow_unknown_provenance, allow_incomplete: the overrides of the acceptance rule for
             init checkpoints (:func:`medcl.segment.init.accept_checkpoint`; off: refuse).
         jobs: fine-tunes run in parallel processes (each with ``finetune.threads`` threads; on a CPU machine
@@ -174,6 +176,7 @@ class LabelEfficiencyConfig:
     seeds: list[int] = field(default_factory=lambda: [0, 1, 2])
     recipes: list[str] = field(default_factory=lambda: [SUPERVISED])
     recipe_overrides: dict[str, dict[str, Any]] = field(default_factory=dict)
+    recipe_inits: dict[str, list[str]] = field(default_factory=dict)
     split: BenchSplitConfig = field(default_factory=BenchSplitConfig)
     lr: LRConfig = field(default_factory=LRConfig)
     allow_test_overlap: bool = False
@@ -194,6 +197,13 @@ class LabelEfficiencyConfig:
         bad = [r for r in self.recipes if r not in RECIPES] + [r for r in self.recipe_overrides if r not in RECIPES]
         if bad or not self.recipes or len(set(self.recipes)) != len(self.recipes):
             raise MedclConfigError("recipes", f"expected distinct recipes among {list(RECIPES)}, got {self.recipes}")
+        for recipe, names in self.recipe_inits.items():
+            if recipe == SUPERVISED or recipe not in self.recipes:
+                raise MedclConfigError(f"recipe_inits.{recipe}", f"expected one of the non-supervised recipes of "
+                                                                 f"'recipes' {[r for r in self.recipes if r != SUPERVISED]}")
+            unknown = sorted(set(names) - {i.name for i in self.inits} - ({RANDOM} if self.random_init else set()))
+            if unknown:
+                raise MedclConfigError(f"recipe_inits.{recipe}", f"unknown init(s) {unknown}")
         randoms = {i.name for i in self.inits if i.random} | ({RANDOM} if self.random_init else set())
         for i in self.inits:
             if not i.random and i.reference not in randoms:

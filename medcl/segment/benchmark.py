@@ -257,12 +257,15 @@ def _prepare_inits(cfg: LabelEfficiencyConfig, split: LabelBudgetSplit, data: st
 
 def _with_recipes(cfg: LabelEfficiencyConfig, inits: list[Init]) -> list[Init]:
     """One row per (init, recipe): ``NAME`` for the supervised recipe, ``NAME+RECIPE`` for the others; every row is
-    paired with the supervised random arm of its architecture (so ``random+semi`` is compared with ``random``)."""
+    paired with the supervised random arm of its architecture (so ``random+semi`` is compared with ``random``);
+    ``recipe_inits`` restricts a recipe to the inits it names."""
     rows = []
     for recipe in cfg.recipes:
         for i in inits:
             if recipe == SUPERVISED:
                 rows.append(i)
+            elif recipe in cfg.recipe_inits and i.name not in cfg.recipe_inits[recipe]:
+                continue
             else:
                 rows.append(replace(i, name=f"{i.name}+{recipe}", recipe=recipe, base=i.name,
                                     reference=i.reference or i.name))
