@@ -26,12 +26,15 @@ the stage maps returned. Inputs must be multiples of 32 per axis.
 
 from __future__ import annotations
 
+from collections.abc import Mapping
+from typing import Any
+
 import torch.nn.functional as F
 from monai.networks.nets import SwinUNETR
 from torch import Tensor, nn
 
 from medcl.models.backbone import Backbone, BackboneConfig
-from medcl.models.keymaps import KeyMap, register_keymap
+from medcl.models.keymaps import KeyMap, find_component, register_keymap
 
 _NORMS = {"instance": "instance", "batch": "batch"}
 
@@ -178,4 +181,63 @@ register_keymap(KeyMap(
     description="MONAI SwinUNETR state dict (swinViT / encoder1-10 / decoder1-5 / out), v1 and v2",
     backbones=("swinunetr",),
     pairs=lambda backbone: swinunetr_key_map(),
+))
+
+
+# ---- MONAI's self-supervised Swin UNETR pretraining (Tang et al., CVPR 2022) -----------------------------
+# Project-MONAI/research-contributions SwinUNETR/Pretrain: ``SSLHead`` holds the encoder as ``swinViT`` (``swin_vit``
+# in older versions) next to rotation / contrastive heads and a ``conv`` reconstruction decoder; its checkpoints are
+# {"epoch" | "global_step", "state_dict", "optimizer"}, ``module.``-prefixed under DDP. The released
+# ``model_swinvit.pt`` (read by MONAI's ``SwinUNETR.load_from``) keeps the encoder alone as ``module.patch_embed.*``,
+# ``module.layers{i}.0.*``, with the MLPs named ``fc1`` / ``fc2`` (MONAI: ``linear1`` / ``linear2``).
+_SSL_CONTAINERS = ("swinViT.", "swin_vit.", "")
+_SWIN_TARGETS = ("encoder.2.", "encoder.3.", "encoder.4.", "bottleneck.")
+
+
+def swinunetr_ssl_key_map(depths: tuple[int, ...] | list[int]) -> list[tuple[str, str]]:
+    """(SSL checkpoint prefix, medcl prefix) pairs for a Swin encoder with ``depths`` blocks per stage; only the
+    Swin encoder has a counterpart (the heads and the reconstruction decoder stay unexpected)."""
+    inner = [("patch_embed.", "encoder.1.embed.")]
+    for i, (t, depth) in enumerate(zip(_SWIN_TARGETS, depths), start=1):
+        for b in range(int(depth)):
+            for fc, lin in (("fc1", "linear1"), ("fc2", "linear2")):
+                inner.append((f"layers{i}.0.blocks.{b}.mlp.{fc}.", f"{t}swin.blocks.{b}.mlp.{lin}."))
+        inner += [(f"layers{i}.0.", f"{t}swin."), (f"layers{i}c.0.", f"{t}pre.")]
+    return [(c + foreign, ours) for c in _SSL_CONTAINERS for foreign, ours in inner]
+
+
+def _ssl_architecture(obj: Mapping[str, Any]) -> dict[str, Any] | None:
+    """SwinUNETR fields (embedding size, depths, heads, window, v2, input channels) read from an SSL checkpoint's
+    Swin encoder; ``None`` for anything else (a full SwinUNETR state dict is not an SSL layout)."""
+    sd = obj.get("state_dict") if isinstance(obj.get("state_dict"), Mapping) else obj
+    keys = [k for k in sd if isinstance(k, str)]
+    if any(find_component(k, "encoder1.") >= 0 or find_component(k, "decoder1.") >= 0 for k in keys):
+        return None
+    roots = [k[: -len("patch_embed.proj.weight")] for k in keys if k.endswith("patch_embed.proj.weight")]
+    roots = [r for r in roots if r.removeprefix("module.") in _SSL_CONTAINERS]
+    if len(roots) != 1 or not isinstance(sd[roots[0] + "patch_embed.proj.weight"], Tensor):
+        return None
+    root = roots[0]
+    proj = sd[root + "patch_embed.proj.weight"]  # [feature_size, in_channels, 2, 2, 2]
+    depths, heads, window = [], [], 7
+    for i in range(1, 5):
+        head = f"{root}layers{i}.0.blocks."
+        blocks = {k[len(head):].split(".", 1)[0] for k in keys if k.startswith(head)}
+        table = sd.get(f"{head}0.attn.relative_position_bias_table")
+        if not blocks or not isinstance(table, Tensor):
+            return None
+        depths.append(len(blocks))
+        heads.append(int(table.shape[1]))
+        window = (round(int(table.shape[0]) ** (1 / 3)) + 1) // 2  # (2w - 1)^3 relative positions
+    return {"name": "swinunetr", "in_channels": int(proj.shape[1]), "feature_size": int(proj.shape[0]),
+            "depths": depths, "num_heads": heads, "window_size": window,
+            "use_v2": any(k.startswith(f"{root}layers1c.") for k in keys)}
+
+
+register_keymap(KeyMap(
+    name="monai-swinunetr-ssl",
+    description="MONAI SwinUNETR self-supervised pretraining (SSLHead checkpoint, or model_swinvit.pt): Swin encoder",
+    backbones=("swinunetr",),
+    pairs=lambda backbone: swinunetr_ssl_key_map(backbone.config.depths),
+    architecture=_ssl_architecture,
 ))

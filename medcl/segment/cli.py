@@ -103,10 +103,14 @@ def _register_predict(sub: argparse._SubParsersAction) -> None:
                        description="Segment a volume file, a folder of volumes, a DICOM series folder or a dataset "
                        "with a fine-tuned model (model.pt, a finetune checkpoint, or the run folder). The "
                        "preprocessing comes from the checkpoint's run record; each output OUT/{case}.nii.gz has "
-                       "the input's shape and affine (a DICOM series: its own grid, in RAS).")
+                       "the input's shape and affine (a DICOM series: its own grid, in RAS). With --format dicom-seg "
+                       "a DICOM series gives OUT/{case}.dcm, a DICOM Segmentation of that series instead.")
     p.add_argument("--ckpt", required=True, help="model.pt, checkpoints/last.ckpt of a finetune run, or the run folder")
     p.add_argument("--input", required=True, help="volume file, folder of volumes, DICOM series folder or dataset")
     p.add_argument("--output", required=True, help="output folder")
+    p.add_argument("--format", dest="out_format", choices=["nifti", "dicom-seg"], default="nifti",
+                   help="nifti: OUT/{case}.nii.gz (default); dicom-seg: OUT/{case}.dcm, a DICOM Segmentation that "
+                   "references the input DICOM series (one segment per class, named after it)")
     tta = p.add_mutually_exclusive_group()
     tta.add_argument("--tta", dest="tta", action="store_true", default=None, help="mirror test-time augmentation")
     tta.add_argument("--no-tta", dest="tta", action="store_false", help="no test-time augmentation")
@@ -129,7 +133,7 @@ def _run_predict(args: argparse.Namespace) -> int:
         device = resolve_device(args.device)
         model = load_model(args.ckpt, device=device, allow_incomplete=args.allow_incomplete)
         written = predict_to_folder(model, args.input, args.output, tta=args.tta, probabilities=args.probabilities,
-                                    device=device, keep_going=args.keep_going)
+                                    device=device, keep_going=args.keep_going, fmt=args.out_format)
     print(f"medcl predict: {len(written)} segmentation(s) in {args.output}")
     return 0
 

@@ -4,7 +4,9 @@ For each input volume: the checkpoint's preprocessing plan (from its run record)
 training; sliding-window inference gives class probabilities on the preprocessed grid; MONAI's inverse of
 the plan (:func:`medcl.data.invert_to_original`) resamples the *probabilities* back onto the original
 voxel grid (linear; the foreground crop undone, outside it background), and only then the argmax is taken.
-The written label map has the input's shape and affine (for a DICOM series: the series' own grid in RAS).
+The written label map has the input's shape and affine (for a DICOM series: the series' own grid in RAS); with
+``fmt="dicom-seg"`` a DICOM series' labels are written as a DICOM Segmentation of it instead
+(:mod:`medcl.io.dicom_seg`).
 """
 
 from __future__ import annotations
@@ -32,7 +34,11 @@ from medcl.segment.init import accept_checkpoint, read_checkpoint
 
 log = logging.getLogger(__name__)
 
-__all__ = ["SegmentationModel", "load_model", "predict_item", "predict_volume", "predict_to_folder", "label_dtype"]
+__all__ = ["SegmentationModel", "load_model", "predict_item", "predict_volume", "predict_to_folder", "label_dtype",
+           "OUTPUT_FORMATS"]
+
+# --format -> the label file's suffix
+OUTPUT_FORMATS = {"nifti": ".nii.gz", "dicom-seg": ".dcm"}
 
 
 @dataclass
@@ -151,6 +157,7 @@ def predict_to_folder(
     probabilities: bool = False,
     device: str | torch.device = "cpu",
     keep_going: bool = False,
+    fmt: str = "nifti",
 ) -> list[Path]:
     """Predict every volume of ``source`` (a file, a folder of volumes, a DICOM series folder or a dataset)
     into ``output/{case_id}.nii.gz`` (and ``{case_id}_probabilities.nii.gz``, ``[X, Y, Z, K]`` float32, when
@@ -160,13 +167,20 @@ def predict_to_folder(
     (symlinks followed), is refused before anything is written. A volume that fails stops the run with an error that
     names it and the volumes not processed; ``keep_going`` predicts the others and raises at the end with a summary of
     the failures. Every file is written atomically.
+
+    ``fmt="dicom-seg"`` writes ``output/{case_id}.dcm``, a DICOM Segmentation referencing the source series (one
+    segment per class, named after it); every input must then be a DICOM series, which is checked first.
     """
     import dataclasses
 
     from medcl.data import load_case, load_manifest
     from medcl.io import write_nifti
 
+    if fmt not in OUTPUT_FORMATS:
+        raise MedclDataError(None, f"unknown output format {fmt!r}; choose one of {sorted(OUTPUT_FORMATS)}")
     manifest = load_manifest(source)
+    if fmt == "dicom-seg":
+        _check_dicom_inputs(manifest)
     # the input's channels must match the model's; declared labels of a dataset are irrelevant here
     manifest = dataclasses.replace(manifest, labels=None)
     inference = model.inference if tta is None else dataclasses.replace(model.inference, tta=bool(tta))
@@ -174,7 +188,7 @@ def predict_to_folder(
     out_dir = Path(output)
     if out_dir.exists() and not out_dir.is_dir():
         raise MedclDataError(out_dir, "--output is a file; it must be a folder")
-    targets = [out_dir / f"{c.id}.nii.gz" for c in manifest.cases]
+    targets = [out_dir / f"{c.id}{OUTPUT_FORMATS[fmt]}" for c in manifest.cases]
     targets += [out_dir / f"{c.id}_probabilities.nii.gz" for c in manifest.cases] if probabilities else []
     _check_outputs(manifest, Path(source), out_dir, targets)
     written: list[Path] = []
@@ -182,7 +196,7 @@ def predict_to_folder(
     for i, case in enumerate(manifest.cases):
         try:
             path = _predict_case(model, manifest, case, fn, inference, out_dir, probabilities, device, load_case,
-                                 write_nifti)
+                                 write_nifti, fmt)
         except MedclDataError as exc:
             if not keep_going:
                 rest = [c.id for c in manifest.cases[i + 1:]]
@@ -200,16 +214,36 @@ def predict_to_folder(
     return written
 
 
+def _check_dicom_inputs(manifest: Any) -> None:
+    """Every case must be one DICOM series (a folder, or a file of it) for ``--format dicom-seg``."""
+    from medcl.io import detect_format
+
+    for case in manifest.cases:
+        kinds = [detect_format(p) for p in case.images]
+        if kinds != ["dicom"]:
+            raise MedclDataError(case.images[0], f"--format dicom-seg needs a DICOM series as input, this case is "
+                                                 f"{' + '.join(kinds)}; use --format nifti")
+
+
 def _predict_case(model: SegmentationModel, manifest: Any, case: Any, fn: Any, inference: Any, out_dir: Path,
-                  probabilities: bool, device: str | torch.device, load_case: Any, write_nifti: Any) -> Path:
+                  probabilities: bool, device: str | torch.device, load_case: Any, write_nifti: Any,
+                  fmt: str = "nifti") -> Path:
     image, _ = load_case(case, manifest, with_label=False)
     if image.channels != model.backbone.in_channels:
         raise MedclDataError(image.path, f"has {image.channels} channel(s), the model expects "
                                          f"{model.backbone.in_channels}")
     probs = predict_volume(fn, image, model.plan, inference, model.roi_size, device)
     labels = probs.argmax(dim=0).numpy().astype(label_dtype(model.num_classes))
-    path = out_dir / f"{case.id}.nii.gz"
-    write_nifti(Volume(labels[None], image.affine, str(path), {}), path)
+    path = out_dir / f"{case.id}{OUTPUT_FORMATS[fmt]}"
+    if fmt == "dicom-seg":
+        from medcl.io.dicom_seg import write_dicom_seg
+
+        series = Path(case.images[0])
+        write_dicom_seg(Volume(labels[None], image.affine, str(path), {}), series if series.is_dir() else series.parent,
+                        path, model.class_names, series_uid=image.meta.get("series_uid"),
+                        algorithm=f"medcl {model.path.parent.name}/{model.path.name}")
+    else:
+        write_nifti(Volume(labels[None], image.affine, str(path), {}), path)
     if probabilities:
         write_nifti(Volume(probs.numpy().astype(np.float32), image.affine, "", {}),
                     out_dir / f"{case.id}_probabilities.nii.gz")
