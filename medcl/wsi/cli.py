@@ -74,18 +74,24 @@ def _register_tile(sub: argparse._SubParsersAction) -> None:
     _flag(p, TilingParams, "assume_mpp", "level-0 mpp for slides without mpp metadata", float)
     _flag(p, TilingParams, "mpp_tolerance", "relative tolerance for matching a level's mpp", float)
     _flag(p, TilingParams, "thumbnail_size", "longest side of the tissue thumbnail", int)
+    _flag(p, TilingParams, "preset", "encoder preset the tiles are for: warns when --mpp differs from its "
+          "magnification by more than 10%")
     p.add_argument("--force", action="store_true", help="re-tile slides that are already done")
     p.add_argument("--overwrite", action="store_true", help="empty --out first (a rerun otherwise skips done slides)")
     p.set_defaults(func=_run_tile, accepts_overrides=True)
 
 
 def _register_extract(sub: argparse._SubParsersAction) -> None:
+    from medcl.wsi.presets import PRESETS
+
     p = sub.add_parser(
         "extract",
         help="patch features for tiled slides ({slide_id}.h5 with features [N, D] and coords [N, 2])",
         description="Encoders: 'builtin-cnn' (random init, seed 0: a baseline only), a checkpoint of "
-        "'medcl mil pretrain-encoder', 'torchvision:ARCH:WEIGHTS' or 'timm:ARCH:WEIGHTS' (local weights file). "
-        "The folder also gets record.json (kind wsi-features), config.yaml and summary.json.",
+        "'medcl mil pretrain-encoder', 'torchvision:ARCH:WEIGHTS', 'timm:ARCH:WEIGHTS' or 'preset:NAME:WEIGHTS' "
+        f"(a local weights file; presets: {', '.join(PRESETS)}). "
+        "Under 'torchrun --nproc_per_node K -m medcl mil extract ...' (or srun) the slides are sharded across the "
+        "ranks, one GPU each. The folder also gets record.json (kind wsi-features), config.yaml and summary.json.",
     )
     p.add_argument("tiles", nargs="+", help="tile h5 files or folders written by 'medcl mil tile'")
     p.add_argument("--out", required=True, help="output folder for feature h5 files")
@@ -96,6 +102,8 @@ def _register_extract(sub: argparse._SubParsersAction) -> None:
     _flag(p, ExtractParams, "device", "cpu, cuda, cuda:1 or auto")
     _flag(p, ExtractParams, "threads", "torch CPU threads", int)
     _flag(p, ExtractParams, "input_size", "resize tiles to this side before encoding", int)
+    _flag(p, ExtractParams, "stain", "stain normalisation before encoding: none or macenko (one fit per slide)")
+    _flag(p, ExtractParams, "stain_fit_tiles", "tiles per slide the Macenko stain matrix is estimated from", int)
     p.add_argument("--encoder-kwargs", default=None,
                    help="JSON dict of extra torchvision/timm constructor arguments (config key encoder_kwargs)")
     p.add_argument("--slide-dir", default=None, help="look for slides here when the recorded path moved")
@@ -121,6 +129,8 @@ def _register_pretrain(sub: argparse._SubParsersAction) -> None:
     _flag(p, PretrainParams, "temperature", "InfoNCE temperature", float)
     _flag(p, PretrainParams, "width", "channels of the first stage of the built-in CNN", int)
     _flag(p, PretrainParams, "stain_sigma", "HED stain jitter: scale U(1-s, 1+s), shift U(-s/5, s/5)", float)
+    _flag(p, PretrainParams, "stain", "stain normalisation of the tiles before the views: none or macenko")
+    _flag(p, PretrainParams, "stain_fit_tiles", "tiles per slide the Macenko stain matrix is estimated from", int)
     _flag(p, PretrainParams, "workers", "DataLoader worker processes reading tiles", int)
     _flag(p, PretrainParams, "log_every", "steps between metric rows", int)
     _flag(p, PretrainParams, "seed", "seed", int)

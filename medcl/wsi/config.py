@@ -12,7 +12,15 @@ from typing import Any
 
 from medcl.core.errors import MedclConfigError
 
-__all__ = ["TilingParams", "ExtractParams", "PretrainParams"]
+__all__ = ["TilingParams", "ExtractParams", "PretrainParams", "STAIN_METHODS"]
+
+STAIN_METHODS = ("none", "macenko")
+"""Stain normalisations of ``mil extract`` and ``mil pretrain-encoder`` (:mod:`medcl.wsi.stain`)."""
+
+
+def _check_stain(value: str) -> None:
+    if value not in STAIN_METHODS:
+        raise MedclConfigError("stain", f"must be one of {', '.join(STAIN_METHODS)}, got {value!r}")
 
 
 @dataclass
@@ -30,6 +38,8 @@ class TilingParams:
         backend: ``auto``, ``openslide`` or ``tiffslide``.
         min_saturation: floor on the saturation threshold (an empty slide's Otsu threshold is noise).
         closing_um, min_tissue_um2, max_hole_um2: morphology in physical units (microns, square microns).
+        preset: the encoder preset (:mod:`medcl.wsi.presets`) the tiles are meant for: tiling warns when ``mpp``
+            differs from the preset's by more than 10% (the preset changes nothing else).
     """
 
     mpp: float = 0.5
@@ -44,8 +54,16 @@ class TilingParams:
     closing_um: float = 16.0
     min_tissue_um2: float = 10_000.0
     max_hole_um2: float = 10_000.0
+    preset: str | None = None
 
     def validate(self) -> None:
+        if self.preset is not None:
+            from medcl.wsi.presets import get_preset
+
+            try:
+                get_preset(self.preset)
+            except MedclConfigError as exc:
+                raise MedclConfigError("preset", exc.problem) from None
         if not (self.mpp > 0 and math.isfinite(self.mpp)):
             raise MedclConfigError("mpp", f"must be a positive number, got {self.mpp}")
         if self.size < 8:
@@ -65,13 +83,17 @@ class ExtractParams:
     """Settings of ``medcl mil extract``.
 
     Attributes:
-        encoder: ``builtin-cnn``, a checkpoint of ``medcl mil pretrain-encoder``, ``torchvision:ARCH:WEIGHTS`` or
-            ``timm:ARCH:WEIGHTS`` (a local weights file).
+        encoder: ``builtin-cnn``, a checkpoint of ``medcl mil pretrain-encoder``, ``torchvision:ARCH:WEIGHTS``,
+            ``timm:ARCH:WEIGHTS`` or ``preset:NAME:WEIGHTS`` (a local weights file; presets in
+            :mod:`medcl.wsi.presets`).
         batch_size: tiles per forward pass.
         workers: DataLoader worker processes reading tiles (0: read in the main process).
         input_size: resize tiles to this side before encoding (``None``: the encoder's own size).
         encoder_kwargs: extra torchvision / timm constructor arguments.
-        device, threads: see every job.
+        stain: ``none`` or ``macenko`` (stain normalisation to a reference H&E appearance before encoding, one fit
+            per slide: :mod:`medcl.wsi.stain`).
+        stain_fit_tiles: tiles per slide (evenly spaced) the Macenko stain matrix is estimated from.
+        device, threads: see every job. Under ``torchrun`` / ``srun`` each rank uses ``cuda:LOCAL_RANK``.
     """
 
     encoder: str = ""
@@ -79,15 +101,21 @@ class ExtractParams:
     workers: int = 2
     input_size: int | None = None
     encoder_kwargs: dict[str, Any] = field(default_factory=dict)
+    stain: str = "none"
+    stain_fit_tiles: int = 64
     device: str = "auto"
     threads: int | None = None
 
     def validate(self) -> None:
+        _check_stain(self.stain)
+        if self.stain_fit_tiles < 1:
+            raise MedclConfigError("stain_fit_tiles", f"must be >= 1, got {self.stain_fit_tiles}")
         if self.threads is not None and self.threads < 1:
             raise MedclConfigError("threads", f"must be >= 1 (or null), got {self.threads}")
         if not self.encoder:
             raise MedclConfigError("encoder", "no encoder given: pass --encoder (builtin-cnn, a checkpoint of 'medcl mil "
-                                              "pretrain-encoder', torchvision:ARCH:WEIGHTS or timm:ARCH:WEIGHTS)")
+                                              "pretrain-encoder', torchvision:ARCH:WEIGHTS, timm:ARCH:WEIGHTS or "
+                                              "preset:NAME:WEIGHTS)")
         if self.batch_size < 1 or self.workers < 0:
             raise MedclConfigError("batch_size", "batch_size must be >= 1 and workers >= 0")
         if self.input_size is not None and self.input_size < 8:
@@ -96,7 +124,12 @@ class ExtractParams:
 
 @dataclass
 class PretrainParams:
-    """Settings of ``medcl mil pretrain-encoder``: SimCLR on tiles with HED stain jitter (see the CLI help)."""
+    """Settings of ``medcl mil pretrain-encoder``: SimCLR on tiles with HED stain jitter (see the CLI help).
+
+    ``stain: macenko`` normalises every tile to the reference H&E appearance (one Macenko fit per slide from
+    ``stain_fit_tiles`` of its tiles, :mod:`medcl.wsi.stain`) before the views and the jitter; extract with the
+    same ``--stain`` then.
+    """
 
     steps: int = 200
     batch_size: int = 32
@@ -114,13 +147,16 @@ class PretrainParams:
     threads: int | None = None
     workers: int = 2
     log_every: int = 10
+    stain: str = "none"
+    stain_fit_tiles: int = 64
 
     def validate(self) -> None:
+        _check_stain(self.stain)
         if self.threads is not None and self.threads < 1:
             raise MedclConfigError("threads", f"must be >= 1 (or null), got {self.threads}")
         if self.lr_warmup_steps < 0 or self.workers < 0:
             raise MedclConfigError("lr_warmup_steps", "lr_warmup_steps and workers must be >= 0")
-        for key in ("steps", "batch_size", "crop", "width", "proj_dim", "log_every"):
+        for key in ("steps", "batch_size", "crop", "width", "proj_dim", "log_every", "stain_fit_tiles"):
             if int(getattr(self, key)) < 1:
                 raise MedclConfigError(key, f"must be >= 1, got {getattr(self, key)}")
         if self.batch_size < 2:

@@ -16,19 +16,24 @@ An encoder is named by a spec string (``medcl mil extract --encoder SPEC``):
     ``Linear`` layer (the classifier: ``fc`` of a ResNet, ``heads.head`` of a ViT) becomes ``Identity``, so
     the features are the pooled penultimate activations. Nothing is downloaded.
 ``timm:ARCH:WEIGHTS``
-    ``timm.create_model(ARCH, pretrained=False, num_classes=0, **kwargs)`` with the local weights (how
-    pathology foundation encoders such as UNI load when the user has their weights; pass e.g.
+    ``timm.create_model(ARCH, pretrained=False, num_classes=0, **kwargs)`` with the local weights (pass e.g.
     ``{"init_values": 1e-5, "dynamic_img_size": true}`` as ``encoder_kwargs``). Normalisation and input size
     come from the model's ``pretrained_cfg``.
+``preset:NAME:WEIGHTS``
+    A published pathology encoder (UNI, Virchow, H-optimus-0, Lunit, kaiko ...: :mod:`medcl.wsi.presets`) from
+    its local weights file: the architecture arguments, normalisation, input size, pooling and magnification
+    come from the preset, and the file is checked against the preset's shapes before timm builds anything.
 
 Every encoder normalises its input itself: tiles go in as ``uint8`` (or float in ``[0, 1]``), are resized to
 ``input_size`` when the model needs a fixed size, and are standardised with the model's mean and std
-(ImageNet statistics by default). torchvision and timm are optional imports.
+(ImageNet statistics by default). torchvision and timm are optional imports: any failure to import them (also
+a binary mismatch with the installed torch, which raises ``RuntimeError``) becomes one config error naming it.
 """
 
 from __future__ import annotations
 
 import os
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -54,6 +59,8 @@ class PatchEncoder(nn.Module):
         mean, std: per-channel normalisation of ``[0, 1]`` RGB.
         input_size: side the tiles are resized to (antialiased bilinear), or None to keep the tile size.
         name: the spec it was built from (stored in feature files).
+        preset: the :mod:`medcl.wsi.presets` name it was built from, if any.
+        mpp: microns per pixel the encoder was trained at (a preset's), if known.
 
     Shapes:
         ``forward(x)``: ``x`` ``[B, 3, H, W]`` ``uint8`` or float in ``[0, 1]`` -> ``[B, D]`` float.
@@ -67,12 +74,16 @@ class PatchEncoder(nn.Module):
         std: tuple[float, ...] = IMAGENET_STD,
         input_size: int | None = None,
         name: str = "",
+        preset: str | None = None,
+        mpp: float | None = None,
     ) -> None:
         super().__init__()
         self.model = model
         self.dim = int(dim)
         self.input_size = input_size
         self.name = name
+        self.preset = preset
+        self.mpp = mpp
         self.register_buffer("mean", torch.tensor(mean, dtype=torch.float32).view(1, 3, 1, 1), persistent=False)
         self.register_buffer("std", torch.tensor(std, dtype=torch.float32).view(1, 3, 1, 1), persistent=False)
 
@@ -85,6 +96,22 @@ class PatchEncoder(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return self.model(self.preprocess(x)).flatten(1)
+
+
+class TokenPool(nn.Module):
+    """The class token concatenated with the mean of the patch tokens (the Virchow models' tile embedding).
+
+    ``model(x)``: tokens ``[B, N, D]`` (prefix tokens first) -> ``[B, 2D]``; ``prefix`` = class + register tokens.
+    """
+
+    def __init__(self, model: nn.Module, prefix: int) -> None:
+        super().__init__()
+        self.model = model
+        self.prefix = int(prefix)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        tokens = self.model(x)
+        return torch.cat([tokens[:, 0], tokens[:, self.prefix :].mean(dim=1)], dim=-1)
 
 
 def builtin_cnn(width: int = 32) -> nn.Module:
@@ -223,13 +250,21 @@ def _build_torchvision(arch: str, weights: str, kwargs: dict) -> tuple[nn.Module
     return model, IMAGENET_MEAN, IMAGENET_STD, fixed
 
 
-def _build_timm(arch: str, weights: str, kwargs: dict) -> tuple[nn.Module, tuple, tuple, int | None]:
+def import_timm(what: str) -> Any:
+    """``timm``, or one config error naming why it cannot be imported (missing, or a torchvision built for another
+    torch: ``RuntimeError: operator torchvision::nms does not exist``)."""
     try:
         import timm
-    except Exception as exc:
-        raise MedclConfigError(
-            "encoder", f"'timm:{arch}:...' needs timm, which cannot be imported ({exc}); pip install timm"
-        ) from exc
+    except Exception as exc:  # ImportError, or a binary mismatch raising RuntimeError / OSError at import
+        lines = [ln.strip() for ln in str(exc).splitlines() if ln.strip()]
+        reason = f"{type(exc).__name__}: {lines[-1] if lines else repr(exc)}"
+        raise MedclConfigError("encoder", f"timm is not importable: {reason}; {what} needs timm (pip install timm "
+                                          "with the torchvision build that matches your torch)") from exc
+    return timm
+
+
+def _build_timm(arch: str, weights: str, kwargs: dict) -> tuple[nn.Module, tuple, tuple, int | None]:
+    timm = import_timm(f"'timm:{arch}:...'")
     try:
         model = timm.create_model(arch, pretrained=False, num_classes=0, **kwargs)
     except Exception as exc:
@@ -245,13 +280,51 @@ def _build_timm(arch: str, weights: str, kwargs: dict) -> tuple[nn.Module, tuple
     return model, mean, std, int(size[-1]) if size else 224
 
 
+def timm_preset_model(preset: Any) -> nn.Module:
+    """The timm model of a :class:`medcl.wsi.presets.EncoderPreset` (random weights, ``num_classes=0``)."""
+    timm = import_timm(f"preset {preset.name!r}")
+    kwargs = dict(preset.timm_kwargs)
+    layers = {"SwiGLUPacked": lambda: timm.layers.SwiGLUPacked, "SiLU": lambda: nn.SiLU}
+    for key in ("mlp_layer", "act_layer"):
+        if isinstance(kwargs.get(key), str) and kwargs[key] in layers:
+            kwargs[key] = layers[kwargs[key]]()
+    try:
+        return timm.create_model(preset.arch, pretrained=False, num_classes=0, **kwargs)
+    except Exception as exc:
+        raise MedclConfigError("encoder", f"timm cannot build preset {preset.name!r} ({preset.arch}): {exc}") from exc
+
+
+def build_preset_encoder(
+    spec: str, input_size: int | None = None, model_factory: Callable[[Any], nn.Module] | None = None
+) -> PatchEncoder:
+    """``preset:NAME:WEIGHTS`` -> the preset's encoder with the weights of the local file.
+
+    The state dict is checked against the preset's shapes first (:func:`medcl.wsi.presets.check_weights`), then the
+    model is built (``model_factory``, default :func:`timm_preset_model`) and loaded strictly (only ``head.*`` keys
+    may be left over).
+    """
+    from medcl.wsi.presets import check_weights, parse_preset_spec
+
+    preset, weights = parse_preset_spec(spec)
+    sd = read_state_dict(weights)
+    check_weights(preset, sd, weights)
+    model = (model_factory or timm_preset_model)(preset)
+    _load_checked(model, sd, weights, ("head.",), f"preset {preset.name!r} ({preset.arch})")
+    model.eval()
+    if preset.pool == "cls+mean":
+        model = TokenPool(model, preset.prefix_tokens)
+    return PatchEncoder(model, preset.feature_dim, preset.mean, preset.std, input_size or preset.input_size,
+                        name=spec, preset=preset.name, mpp=preset.mpp)
+
+
 def build_encoder(
     spec: str, input_size: int | None = None, encoder_kwargs: dict | None = None, width: int = 32
 ) -> PatchEncoder:
     """The encoder named by ``spec`` (see the module docstring), in eval mode on the CPU.
 
     Args:
-        spec: ``builtin-cnn``, a checkpoint path, ``torchvision:ARCH:WEIGHTS`` or ``timm:ARCH:WEIGHTS``.
+        spec: ``builtin-cnn``, a checkpoint path, ``torchvision:ARCH:WEIGHTS``, ``timm:ARCH:WEIGHTS`` or
+            ``preset:NAME:WEIGHTS``.
         input_size: override the side tiles are resized to (None: the model's own, or the tile size).
         encoder_kwargs: extra keyword arguments of the torchvision / timm model constructor.
         width: first-stage width of ``builtin-cnn``.
@@ -262,6 +335,8 @@ def build_encoder(
     kwargs = dict(encoder_kwargs or {})
     if spec == BUILTIN:
         enc = build_builtin(width)
+    elif spec.startswith("preset:"):
+        enc = build_preset_encoder(spec, input_size)
     elif spec.startswith(("torchvision:", "timm:")):
         parts = spec.split(":", 2)
         if len(parts) != 3 or not parts[1] or not parts[2]:
@@ -279,8 +354,8 @@ def build_encoder(
     else:
         raise MedclConfigError(
             "encoder",
-            f"{spec!r} is neither 'builtin-cnn', an existing checkpoint file, 'torchvision:ARCH:WEIGHTS' "
-            "nor 'timm:ARCH:WEIGHTS'",
+            f"{spec!r} is neither 'builtin-cnn', an existing checkpoint file, 'torchvision:ARCH:WEIGHTS', "
+            "'timm:ARCH:WEIGHTS' nor 'preset:NAME:WEIGHTS'",
         )
     if input_size is not None:
         enc.input_size = int(input_size)

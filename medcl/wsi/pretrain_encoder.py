@@ -15,6 +15,10 @@ Views (vectorised over the batch, one ``grid_sample``):
   2019): colour deconvolution with Ruifrok & Johnston's matrix (as ``skimage.color.rgb2hed``), each stain
   channel scaled by ``U(1 - s, 1 + s)`` and shifted by ``U(-s, s)``, back to RGB (``hed2rgb``).
 
+With ``stain: macenko`` every tile is first normalised to the reference H&E appearance with its slide's
+Macenko fit (:mod:`medcl.wsi.stain`, one fit per slide from ``stain_fit_tiles`` of its tiles); the jitter then
+varies around that reference.
+
 Tiles are read on the fly by DataLoader workers (:class:`medcl.wsi.extract.TileDataset`), sampled with
 replacement across all slides. Writes ``encoder.pt`` (loadable by ``medcl mil extract --encoder``),
 ``metrics.csv`` and ``curves.png``.
@@ -160,7 +164,8 @@ def pretrain_encoder(
     out = Path(out_dir)
     with torch_threads(p.threads):
         torch.manual_seed(p.seed)
-        encoder, projector, rows, n_tiles = _train(p, sets, dev, progress)
+        stains = _fit_stains(sets, p.stain_fit_tiles, dev) if p.stain == "macenko" else None
+        encoder, projector, rows, n_tiles = _train(p, sets, dev, progress, stains)
         path = _write_outputs(p, folder.record, sets, encoder, projector, rows, out)
     last = rows[-1]
     folder.finish({"steps": p.steps, "tiles": n_tiles, "slides": len(sets), "loss_first": rows[0]["loss"],
@@ -187,9 +192,30 @@ def _tile_sets(inputs: Sequence[str | os.PathLike], slide_dir: str | os.PathLike
     return sets
 
 
-def _train(p: PretrainParams, sets: list, dev: torch.device, progress: bool
-           ) -> tuple[nn.Module, nn.Module, list[dict], int]:
-    """SimCLR-style training of the built-in CNN; returns (encoder, projector, metric rows, number of tiles)."""
+def _fit_stains(sets: list, k: int, dev: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
+    """One Macenko fit per slide: stain matrices ``[S, 3, 2]`` and maximum concentrations ``[S, 2]`` on ``dev``."""
+    from medcl.wsi.extract import TileDataset
+    from medcl.wsi.stain import fit_tiles
+
+    fits = []
+    for s in sets:
+        ds = TileDataset([s], max_open=1)
+        try:
+            fits.append(fit_tiles(ds.read, len(ds), k))
+        except MedclDataError as exc:
+            raise MedclDataError(s.path, f"Macenko stain fit failed: {exc.problem}") from exc
+        finally:
+            ds.close()
+        log.info("%s: Macenko stain matrix %s", s.slide_id, fits[-1].stain_matrix.round(3).tolist())
+    he = torch.stack([torch.as_tensor(f.stain_matrix, dtype=torch.float32) for f in fits]).to(dev)
+    max_c = torch.stack([torch.as_tensor(f.max_conc, dtype=torch.float32) for f in fits]).to(dev)
+    return he, max_c
+
+
+def _train(p: PretrainParams, sets: list, dev: torch.device, progress: bool,
+           stains: tuple[torch.Tensor, torch.Tensor] | None = None) -> tuple[nn.Module, nn.Module, list[dict], int]:
+    """SimCLR-style training of the built-in CNN; returns (encoder, projector, metric rows, number of tiles).
+    ``stains``: per-slide Macenko fits (:func:`_fit_stains`) applied to every tile before its views."""
     from torch.utils.data import RandomSampler
     from tqdm.auto import tqdm
 
@@ -220,8 +246,14 @@ def _train(p: PretrainParams, sets: list, dev: torch.device, progress: bool
     projector.train()
     t0 = time.perf_counter()
     bar = tqdm(total=p.steps, desc="pretrain-encoder", unit="step", disable=not progress, file=sys.stderr)
+    offsets = torch.as_tensor(ds.offsets, device=dev)
     for step, batch in enumerate(loader, start=1):
         x = batch["image"].to(dev, non_blocking=True)
+        if stains is not None:
+            from medcl.wsi.stain import normalize_macenko
+
+            k = torch.searchsorted(offsets, batch["index"].to(dev), right=True) - 1  # slide of each tile
+            x = normalize_macenko(x, stains[0][k], stains[1][k])
         views = torch.cat([random_views(x, p.crop, g_aug, (p.scale_min, 1.0)) for _ in range(2)])
         views = hed_jitter(views, p.stain_sigma, g_aug)
         z = projector(encoder.model((views - encoder.mean) / encoder.std))

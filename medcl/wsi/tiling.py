@@ -266,6 +266,14 @@ def tile_slides(
 
     params = params or TilingParams()
     params.validate()
+    if params.preset is not None:
+        import warnings
+
+        from medcl.wsi.presets import get_preset, mpp_mismatch
+
+        mismatch = mpp_mismatch(get_preset(params.preset), params.mpp, what="--mpp asks for tiles")
+        if mismatch:
+            warnings.warn(mismatch, stacklevel=2)
     out = prepare_run_folder(out_dir, "wsi-tiles", overwrite=overwrite, rerun_resumes=True, inputs=inputs)
     slides, results = find_slides(inputs)
     if not slides and not results:
