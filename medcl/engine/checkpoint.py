@@ -30,13 +30,28 @@ def atomic_torch_save(obj: Any, path: str | os.PathLike) -> None:
     atomic_write_bytes(buf.getvalue(), path)
 
 
+def _numpy_scalar_types() -> list[Any]:
+    """The globals a pickled NumPy scalar needs (``np.float64(0.9)`` in nnU-Net's training logs): the scalar
+    constructor under its NumPy 2 and NumPy 1 names, ``np.dtype`` and its concrete classes. Arrays stay refused."""
+    import numpy as np
+
+    scalar = np._core.multiarray.scalar if hasattr(np, "_core") else np.core.multiarray.scalar  # type: ignore[attr-defined]
+    found: list[Any] = [(scalar, "numpy._core.multiarray.scalar"), (scalar, "numpy.core.multiarray.scalar"), np.dtype]
+    names = ("Bool", "Int8", "Int16", "Int32", "Int64", "UInt8", "UInt16", "UInt32", "UInt64", "Float16", "Float32",
+             "Float64")
+    found += [getattr(np.dtypes, f"{n}DType") for n in names if hasattr(getattr(np, "dtypes", None), f"{n}DType")]
+    return found
+
+
 def safe_torch_load(path: str | os.PathLike, map_location: Any = "cpu") -> Any:
-    """``torch.load(weights_only=True)`` with errors that name the file."""
+    """``torch.load(weights_only=True)`` with errors that name the file; NumPy scalars are allowed (nnU-Net and
+    nnssl checkpoints log them), nothing else beyond torch's own weights-only set."""
     p = Path(path)
     if not p.is_file():
         raise MedclDataError(p, "checkpoint file does not exist")
     try:
-        return torch.load(p, map_location=map_location, weights_only=True)
+        with torch.serialization.safe_globals(_numpy_scalar_types()):
+            return torch.load(p, map_location=map_location, weights_only=True)
     except Exception as exc:  # pickle, zip and unpickler errors all mean the same to the user
         raise MedclDataError(p, f"cannot read checkpoint (corrupt, or not a weights-only checkpoint): {exc}") from exc
 

@@ -33,7 +33,9 @@ class BackboneConfig:
     """Which backbone and its size; a section of the pretraining / fine-tuning configs.
 
     Args:
-        name: ``"dynunet"`` (MONAI DynUNet, nnU-Net style; default) or ``"swinunetr"`` (MONAI SwinUNETR).
+        name: ``"dynunet"`` (MONAI DynUNet, nnU-Net style; default), ``"swinunetr"`` (MONAI SwinUNETR), or nnU-Net's
+            own networks from ``dynamic_network_architectures``: ``"plainconv"`` (``PlainConvUNet``, nnU-Net's
+            default) and ``"resenc"`` (``ResidualEncoderUNet``, the ResEnc presets); see :mod:`medcl.models.nnunet`.
         in_channels: image channels (modalities).
         out_channels: segmentation classes of the ``head``; ``None`` or ``0`` builds no head (pretraining).
         filters: DynUNet channels per resolution level, the last one is the bottleneck.
@@ -50,9 +52,19 @@ class BackboneConfig:
         use_v2: SwinUNETR-v2 (a residual conv block before each Swin stage).
         drop_path: SwinUNETR stochastic-depth rate.
         use_checkpoint: SwinUNETR gradient checkpointing (less memory, slower).
+        plans: plainconv/resenc: ``"PATH:CONFIGURATION"``, the architecture of a configuration of an nnU-Net plans
+            file (``nnUNetPlans.json:3d_fullres``); replaces ``filters``, ``strides``, ``kernel_sizes``, ``blocks``,
+            ``decoder_blocks``, ``conv_bias``, ``norm`` and ``dropout``.
+        preset: plainconv/resenc: ``"nnunet_3d_fullres"``, ``"resenc_m"`` or ``"resenc_l"`` (see
+            :mod:`medcl.models.nnunet_plans`); replaces the same fields as ``plans``.
+        blocks: plainconv: convolutions per encoder stage; resenc: residual blocks per encoder stage; one per
+            level; ``None`` = nnU-Net's default (2 each; 1, 3, 4, 6, 6, 6, ... for resenc).
+        decoder_blocks: plainconv/resenc: convolutions per decoder stage (one per level but the last);
+            ``None`` = nnU-Net's default (2 for plainconv, 1 for resenc).
+        conv_bias: plainconv/resenc: convolutions with a bias (nnU-Net's plans: true).
     """
 
-    name: Literal["dynunet", "swinunetr"] = "dynunet"
+    name: Literal["dynunet", "swinunetr", "plainconv", "resenc"] = "dynunet"
     in_channels: int = 1
     out_channels: int | None = None
     filters: tuple[int, ...] = (16, 32, 64, 128)
@@ -68,6 +80,11 @@ class BackboneConfig:
     use_v2: bool = False
     drop_path: float = 0.0
     use_checkpoint: bool = False
+    plans: str | None = None
+    preset: Literal["nnunet_3d_fullres", "resenc_m", "resenc_l"] | None = None
+    blocks: tuple[int, ...] | None = None
+    decoder_blocks: tuple[int, ...] | None = None
+    conv_bias: bool = True
 
     def validate(self) -> None:
         """Raise :class:`MedclConfigError` naming the key for an inconsistent setting."""
@@ -77,7 +94,14 @@ class BackboneConfig:
             raise MedclConfigError("out_channels", f"must be >= 0 (0 or null = no head), got {self.out_channels}")
         if not 0.0 <= self.dropout < 1.0:
             raise MedclConfigError("dropout", f"must be in [0, 1), got {self.dropout}")
-        if self.name == "dynunet":
+        if self.name in ("plainconv", "resenc"):
+            from medcl.models.nnunet_plans import validate_nnunet_config
+
+            validate_nnunet_config(self)
+        elif self.plans is not None or self.preset is not None:
+            raise MedclConfigError("plans" if self.plans is not None else "preset",
+                                   f"applies to the nnU-Net backbones (name: plainconv or resenc), not {self.name!r}")
+        elif self.name == "dynunet":
             if len(self.filters) < 3:
                 raise MedclConfigError("filters", "DynUNet needs at least 3 levels (input block, 1 down, bottleneck)")
             if any(f < 1 for f in self.filters):

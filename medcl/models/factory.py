@@ -27,5 +27,9 @@ def build_backbone(cfg: BackboneConfig | dict[str, Any]) -> Backbone:
         from medcl.models.swin import SwinUNETRBackbone
 
         return SwinUNETRBackbone(cfg)
-    raise MedclConfigError("backbone.name", f"unknown backbone {cfg.name!r}; choose dynunet or swinunetr")
+    if cfg.name in ("plainconv", "resenc"):
+        from medcl.models.nnunet import NnUNetBackbone
+
+        return NnUNetBackbone(cfg)
+    raise MedclConfigError("backbone.name", f"unknown backbone {cfg.name!r}; choose dynunet, swinunetr, plainconv or resenc")
 

@@ -4,9 +4,14 @@ A key map turns the state dict of another library's network into medcl's stage n
 :func:`medcl.models.load_backbone` can copy it with the usual report (loaded, missing, mismatched). Each map
 is registered once, by name, for the backbone kinds it applies to::
 
-    name              library / class                              medcl backbone
-    monai-dynunet     MONAI ``DynUNet``                            dynunet
-    monai-swinunetr   MONAI ``SwinUNETR`` (v1 and v2)              swinunetr
+    name                 library / class                              medcl backbone
+    monai-dynunet        MONAI ``DynUNet``                            dynunet
+    monai-swinunetr      MONAI ``SwinUNETR`` (v1 and v2)              swinunetr
+    monai-swinunetr-ssl  MONAI SwinUNETR self-supervised pretraining  swinunetr
+                         (SSLHead checkpoints, ``model_swinvit.pt``)
+    nnunet-plainconv     nnU-Net v2 / nnssl ``PlainConvUNet``         plainconv
+    nnunet-resenc        nnU-Net v2 / nnssl ``ResidualEncoderUNet``   resenc
+                         (``network_weights`` of their checkpoints; they also describe their architecture)
 
 (further maps register themselves from the backbone modules that own them, e.g. nnU-Net's networks.)
 
@@ -17,6 +22,7 @@ itself (``architecture``), for files that carry no medcl ``backbone_config``.
 
 The loader tries every map registered for the backbone's kind (and medcl's own names) and keeps the reading
 that matches most target keys; ``key_map=NAME`` forces one (``init.key_map`` in the fine-tuning config).
+:func:`to_foreign` runs a map backwards (medcl's names -> the foreign layout), for exports.
 """
 
 from __future__ import annotations
@@ -33,7 +39,7 @@ if TYPE_CHECKING:
     from medcl.models.backbone import Backbone
 
 __all__ = ["KeyMap", "register_keymap", "keymap_names", "get_keymap", "keymaps_for", "apply_keymap",
-           "find_component", "architecture_from"]
+           "find_component", "architecture_from", "to_foreign"]
 
 Pairs = list[tuple[str, str]]
 
@@ -65,7 +71,7 @@ class KeyMap:
 
 _REGISTRY: dict[str, KeyMap] = {}
 # Modules that register maps when imported; loaded on first use so that ``import medcl.models`` stays light.
-_PROVIDERS: list[str] = ["medcl.models.dynunet", "medcl.models.swin"]
+_PROVIDERS: list[str] = ["medcl.models.dynunet", "medcl.models.swin", "medcl.models.nnunet"]
 
 
 def register_keymap(keymap: KeyMap, *, replace: bool = False) -> KeyMap:
@@ -137,6 +143,24 @@ def apply_keymap(keymap: KeyMap, backbone: Backbone, sd: Mapping[str, Tensor]) -
             if any(find_component(k, d) >= 0 for d in keymap.drop):
                 continue
         out[new] = v
+    return out
+
+
+def to_foreign(keymap: KeyMap, backbone: Backbone, sd: Mapping[str, Tensor]) -> dict[str, Tensor]:
+    """Rename a medcl state dict of ``backbone`` into ``keymap``'s layout: the inverse of :func:`apply_keymap`.
+
+    Each key takes the first pair whose medcl prefix starts it (so list a specific pair before a general one); a
+    key no pair covers keeps its name. Dropped duplicates (``drop``) are not recreated: load the result with
+    ``strict=False`` into the foreign class, which shares those tensors.
+    """
+    pairs = keymap.pairs(backbone)
+    out: dict[str, Tensor] = {}
+    for k, v in sd.items():
+        for foreign, ours in pairs:
+            if k.startswith(ours):
+                k = foreign + k[len(ours):]
+                break
+        out[k] = v
     return out
 
 
