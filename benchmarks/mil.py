@@ -13,10 +13,25 @@ Peak memory beyond the inputs: on CUDA ``torch.cuda.max_memory_allocated``; on C
 bytes in the allocation timeline ``torch.profiler`` records with ``profile_memory=True`` (exact, blind to
 allocator caching). Throughput: median over ``--steps`` timed steps after one warm-up step.
 
+Section ``epochs``: per-epoch training speed of ``medcl mil train``'s fit (:func:`medcl.mil.train.fit_head` with
+the shipped ``configs/mil/{head}.yaml``), same seed, in three arms (:data:`ARMS`): ``before`` (``train.fast:
+false, train.pack_instances: false``: every batch collated on the host, the instance MLP on every padded row:
+medcl before fast training), ``fast_exact`` (the fold's bags preloaded on the device once, :mod:`medcl.mil.fast`;
+padded MLP) and ``fast`` (preloaded, and the instance MLP on the real rows only: the default). Reported per head
+and data set: epochs/s of each arm (the whole fit, preloading and feature statistics included, divided by
+``--epochs``; the fastest of ``--repeats`` fits, arms interleaved), the speed-ups over ``before``, whether
+``fast_exact`` trains the identical model (every weight and buffer bit for bit, the same probabilities on all
+bags), how far ``fast``'s probabilities are from ``before``'s (float rounding) and whether it predicts the same
+classes. Data: ``--epoch-data`` CSVs (default: MUSK1 from ``../shared/data/mil`` when present, else reported as
+skipped) and ``musk2-sized``: synthetic bags of MUSK2's size (102 bags, 166 features, 1 to 1044 instances).
+
 Usage::
 
     python benchmarks/mil.py --threads 1                  # CPU: a few minutes, about 3 GB peak
     python benchmarks/mil.py --device cuda --sizes 1000 10000 50000 100000
+    python benchmarks/mil.py --sections epochs --threads 1 --device cpu --repeats 3 \
+        --epoch-data ../shared/data/mil/musk1.csv musk2-sized \
+        --epoch-heads abmil gated_abmil meanpool maxpool dsmil clam_sb transmil ins scmil   # about 10 minutes
 """
 
 from __future__ import annotations
@@ -28,13 +43,21 @@ import statistics
 import sys
 import time
 from collections.abc import Callable
+from pathlib import Path
 
+import numpy as np
 import torch
 from _memory import profiled_peak_mb  # benchmarks/ is on sys.path when a script runs
 
+from medcl.config import load_config
 from medcl.core.device import resolve_device
+from medcl.mil.bags import Bag, BagDataset, load_bags
 from medcl.mil.config import MILConfig
 from medcl.mil.heads import MILHead, build_head
+from medcl.mil.train import evaluate, fit_head
+
+ROOT = Path(__file__).resolve().parents[1]
+MUSK1 = ROOT.parent / "shared" / "data" / "mil" / "musk1.csv"
 
 
 def make_head(kind: str, dim: int, n_classes: int = 2) -> MILHead:
@@ -120,7 +143,74 @@ def section_heads(args: argparse.Namespace) -> dict:
     return {"rows": rows, "linearity": linearity(rows)}
 
 
-SECTIONS: dict[str, Callable[[argparse.Namespace], object]] = {"heads": section_heads}
+def musk2_sized(seed: int = 0) -> BagDataset:
+    """Synthetic bags of MUSK2's size: 102 bags of 166 Gaussian features, heavy-tailed bag sizes from 1 to 1044
+    instances (one bag of 1044, as in MUSK2; about 6.2k instances in all against MUSK2's 6.6k), labels alternating.
+    Speed depends on the sizes, not the values, so the features are noise."""
+    g = np.random.default_rng(seed)
+    sizes = np.clip(np.round(np.exp(g.normal(3.2, 1.2, 102))), 1, 1044).astype(int)
+    sizes[0] = 1044
+    bags = [Bag(id=f"bag{i}", label=i % 2, n=int(n), features=torch.from_numpy(g.normal(size=(n, 166)).astype(np.float32)))
+            for i, n in enumerate(sizes)]
+    return BagDataset(bags, ["0", "1"], 166, source="musk2-sized")
+
+
+ARMS = {  # name: (train.fast, train.pack_instances)
+    "before": (False, False),  # streaming, padded instance MLP: medcl before the fast path
+    "fast_exact": (True, False),  # preloaded bags, padded instance MLP: must be bit-identical to "before"
+    "fast": (True, True),  # preloaded bags, packed instance MLP (the default): equal up to float rounding
+}
+
+
+def epoch_case(head: str, ds: BagDataset, args: argparse.Namespace) -> dict:
+    """Epochs/s of each arm of :data:`ARMS` for one head on ``ds`` (same seed), and how their models agree."""
+    fits, probs, seconds = {}, {}, {arm: [] for arm in ARMS}
+    for _ in range(args.repeats):  # arms interleaved, so that a busy spell of the machine hits all of them
+        for arm, (fast, pack) in ARMS.items():
+            cfg = load_config(MILConfig, ROOT / "configs" / "mil" / f"{head}.yaml",
+                              [f"train.epochs={args.epochs}", f"train.fast={str(fast).lower()}",
+                               f"train.pack_instances={str(pack).lower()}", f"device={args.device}",
+                               f"threads={torch.get_num_threads()}"])
+            fits[arm] = fit_head(cfg, ds, seed=args.seed)
+            seconds[arm].append(fits[arm].seconds)
+            probs[arm] = evaluate(fits[arm].head, ds, batch_size=cfg.train.batch_size).probs
+    eps = {arm: args.epochs / min(s) for arm, s in seconds.items()}  # the least disturbed of the repeats
+    ref, exact = fits["before"].head.state_dict(), fits["fast_exact"].head.state_dict()
+    return {"head": head, "data": ds.source, "bags": len(ds), "instances": ds.n_instances, "epochs": args.epochs,
+            "fast_path_used": fits["fast"].fast,
+            **{f"epochs_per_second_{arm}": round(v, 3) for arm, v in eps.items()},
+            "speedup_fast_exact": round(eps["fast_exact"] / eps["before"], 3),
+            "speedup_fast": round(eps["fast"] / eps["before"], 3),
+            "fast_exact_identical_weights": all(torch.equal(ref[k], exact[k]) for k in ref),
+            "fast_exact_same_predictions": bool(np.array_equal(probs["before"], probs["fast_exact"])),
+            "fast_max_abs_probability_difference": float(np.abs(probs["before"] - probs["fast"]).max()),
+            "fast_same_predicted_classes": bool(np.array_equal(probs["before"].argmax(1), probs["fast"].argmax(1)))}
+
+
+def section_epochs(args: argparse.Namespace) -> dict:
+    datasets, skipped = [], []
+    for name in args.epoch_data:
+        if name == "musk2-sized":
+            datasets.append(musk2_sized(args.seed))
+        elif Path(name).is_file():
+            datasets.append(load_bags(name))
+        else:
+            skipped.append(f"{name}: not found")
+    rows = []
+    for ds in datasets:
+        for head in args.epoch_heads:
+            row = epoch_case(head, ds, args)
+            print(f"# {row}", file=sys.stderr, flush=True)
+            rows.append(row)
+    return {"rows": rows, "skipped": skipped,
+            "fast_exact_all_identical": all(r["fast_exact_identical_weights"] and r["fast_exact_same_predictions"]
+                                            for r in rows),
+            "fast_all_same_classes": all(r["fast_same_predicted_classes"] for r in rows),
+            "fast_max_abs_probability_difference": max((r["fast_max_abs_probability_difference"] for r in rows),
+                                                       default=None)}
+
+
+SECTIONS: dict[str, Callable[[argparse.Namespace], object]] = {"heads": section_heads, "epochs": section_epochs}
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
@@ -131,6 +221,15 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--dim", type=int, default=1024)
     p.add_argument("--batch", type=int, default=1, help="bags per step (bags after the first are 25%% padding)")
     p.add_argument("--steps", type=int, default=3, help="timed steps per case (median reported)")
+    p.add_argument("--epoch-heads", nargs="+", default=["abmil", "transmil"],
+                   help="section epochs: heads (configs/mil/HEAD.yaml; e.g. all: abmil gated_abmil meanpool maxpool "
+                        "dsmil clam_sb transmil ins scmil)")
+    p.add_argument("--epoch-data", nargs="+", default=[str(MUSK1)],
+                   help="section epochs: instance-table CSVs and/or musk2-sized (synthetic; default: MUSK1 when "
+                        "../shared/data is there)")
+    p.add_argument("--epochs", type=int, default=10, help="section epochs: epochs per fit")
+    p.add_argument("--seed", type=int, default=0, help="section epochs: the seed of every arm")
+    p.add_argument("--repeats", type=int, default=3, help="section epochs: fits per arm (the fastest is reported)")
     p.add_argument("--device", default="auto")
     p.add_argument("--threads", type=int, default=None, help="torch CPU threads (1 on a shared machine)")
     return p.parse_args(argv)

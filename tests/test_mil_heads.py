@@ -26,7 +26,7 @@ def small_cfg(kind: str, **over) -> MILConfig:
         "head": kind, "encoder": {"hidden": [32], "dropout": 0.0}, "abmil": {"attention_dim": 16},
         "transmil": {"dim": 32, "heads": 4, "landmarks": 4}, "dsmil": {"query_dim": 16},
         "clam": {"attention_dim": 16, "k": 3, "dropout": 0.0}, "ins": {"proj_dim": 16, "queue_size": 256},
-        "scmil": {"proj_dim": 16}, "train": {"epochs": 25, "batch_size": 8, "lr": 3e-3},
+        "scmil": {"proj_dim": 16}, "train": {"epochs": 25, "batch_size": 8}, "optim": {"lr": 3e-3},
     }
     return from_dict(MILConfig, apply_overrides(base, [f"{k}={v}" for k, v in over.items()]))
 

@@ -47,7 +47,7 @@ def toy_instances(n_bags: int, seed: int) -> tuple[BagDataset, np.ndarray]:
 
 def ins_cfg(**over) -> MILConfig:
     base = {"head": "ins", "encoder": {"hidden": [32]}, "ins": {"proj_dim": 16, "queue_size": 512},
-            "train": {"epochs": 30, "batch_size": 8, "lr": 3e-3}}
+            "train": {"epochs": 30, "batch_size": 8}, "optim": {"lr": 3e-3}}
     return from_dict(MILConfig, apply_overrides(base, [f"{k}={v}" for k, v in over.items()]))
 
 
@@ -193,7 +193,7 @@ def test_scmil_trains_under_imbalance():
     keep = [i for i, b in enumerate(train.bags) if b.label == 0 or i % 8 == 1]  # 5 positive bags of 25
     sub = train.subset(keep)
     cfg = from_dict(MILConfig, {"head": "scmil", "encoder": {"hidden": [32]}, "scmil": {"proj_dim": 16},
-                                "train": {"epochs": 30, "batch_size": 8, "lr": 3e-3}})
+                                "train": {"epochs": 30, "batch_size": 8}, "optim": {"lr": 3e-3}})
     fit = fit_head(cfg, sub, seed=0, device="cpu")
     assert fit.history[0]["cls_weight"] < 0.05 and fit.history[-1]["cls_weight"] > 0.9
     assert fit.history[-1]["contrastive"] < fit.history[0]["contrastive"]

@@ -48,7 +48,7 @@ def cfg_for(kind: str) -> MILConfig:
     base = {
         "head": kind, "encoder": {"hidden": [32], "dropout": 0.0}, "abmil": {"attention_dim": 16},
         "dsmil": {"query_dim": 16}, "clam": {"attention_dim": 16, "k": 3, "dropout": 0.0},
-        "train": {"epochs": 60, "batch_size": 8, "lr": 3e-3, "threads": 1},
+        "train": {"epochs": 60, "batch_size": 8}, "optim": {"lr": 3e-3}, "threads": 1,
     }
     return from_dict(MILConfig, apply_overrides(base, []))
 

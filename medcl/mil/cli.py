@@ -15,15 +15,18 @@ data (--data):
   when all labels are integers) and class k is the k-th; data.classes=[a,b,...] fixes the order.
   Folds are grouped by patient when the CSV has a patient_id (or patient / case_id) column.
 
-outputs (--out): results.csv (a row per head, seed and fold), results.md (mean +- std per head),
-  predictions.csv, instance_scores/{head}.h5, model.pt (one config; model_{head}.pt for several) trained on
-  all bags, config_{head}.yaml.
+outputs (--out, new or empty; --resume continues a run there, --overwrite empties it): record.json (the run
+  record; complete: true once everything is written), config.yaml (the first config) and config_{head}.yaml
+  (every head's resolved config), summary.json (per head: mean and std of each metric over folds and seeds, and
+  of the out-of-fold metrics pooled per seed), results.csv (a row per head, seed and fold), results.md (the
+  same as tables), predictions.csv, instance_scores/{head}.h5, model.pt (one config; model_{head}.pt for
+  several) trained on all bags, units/ (each finished fit: what --resume skips).
 
 examples:
   medcl mil train --config configs/mil/abmil.yaml --data ../shared/data/mil/musk1.csv --out runs/musk1 \\
       --folds 10 --seeds 0,1,2,3,4
   medcl mil train --config configs/mil/abmil.yaml --config configs/mil/scmil.yaml --data slides.csv \\
-      --out runs/imb --imbalance 0.1 train.epochs=40
+      --out runs/imb --imbalance 0.1 train.epochs=40 optim.lr=1e-3
 """
 
 
@@ -61,7 +64,11 @@ def _register_train(sub: argparse._SubParsersAction) -> None:
                    "training fold so that it makes up the fraction R of the training bags: all other bags are "
                    "kept and round(R / (1 - R) * n_other) positive bags (at least 2) are drawn at random; test "
                    "folds are untouched. E.g. 0.1 = 10%% positives")
-    p.add_argument("--device", default=None, help="cpu, cuda, cuda:1 or auto (train.device)")
+    p.add_argument("--device", default=None, help="cpu, cuda, cuda:1 or auto (the config's device)")
+    p.add_argument("--resume", action="store_true",
+                   help="continue the run in --out (same heads, configs and data): finished folds and final models "
+                   "are kept, the rest is trained; the tables equal an uninterrupted run's")
+    p.add_argument("--overwrite", action="store_true", help="empty a non-empty --out first (otherwise it is refused)")
     p.set_defaults(func=_run_train, accepts_overrides=True)
 
 
@@ -80,15 +87,15 @@ def _run_train(args: argparse.Namespace) -> int:
     if args.imbalance is not None:
         overrides.append(f"cv.imbalance={args.imbalance}")
     if args.device is not None:
-        overrides.append(f"train.device={args.device}")
+        overrides.append(f"device={args.device}")
     cfgs = [load_config(MILConfig, path, overrides) for path in (args.config or [None])]
     d = cfgs[0].data
     ds = load_bags(args.data, h5_dir=d.h5_dir, classes=d.classes, features_key=d.features_key,
                    coords_key=d.coords_key, in_memory=d.in_memory, max_memory_gb=d.max_memory_gb)
     print(f"medcl mil train: {len(ds)} bags, {ds.n_instances} instances, {ds.in_dim} features, classes {ds.classes}"
           + (", folds grouped by patient" if ds.patients is not None else ""))
-    with torch_threads(cfgs[0].train.threads):
-        cross_validate(cfgs, ds, args.out)
+    with torch_threads(cfgs[0].threads):
+        cross_validate(cfgs, ds, args.out, resume=args.resume, overwrite=args.overwrite)
     print(f"medcl mil train: results in {args.out}/results.md")
     return 0
 

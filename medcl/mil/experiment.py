@@ -3,19 +3,34 @@
 For every config (head), every seed and every fold: train on the other folds (optionally with the
 positive class subsampled, :func:`medcl.mil.cv.subsample_class`), standardise features with statistics of
 the training folds only, predict the held-out fold. Folds depend on the seed only, so all heads see the
-same splits (paired comparison). Writes into ``out``:
+same splits (paired comparison). Writes into ``out`` (the run-folder contract, :mod:`medcl.core.runfolder`):
 
+* ``record.json`` -- the run record (kind ``mil``; ``complete: true`` only once everything below is written;
+  ``step``: optimiser steps of all fits so far; ``extra``: data, heads, their config files);
+* ``config.yaml`` -- the first config's resolved config (``--config`` order; it loads with
+  :data:`medcl.mil.config.MILConfig`); ``config_{head}.yaml`` -- every head's resolved config (same schema);
+* ``summary.json`` -- per head, mean and std over all folds and seeds of each metric, the out-of-fold metrics
+  pooled per seed (mean and std over seeds), runs, seconds per run (the figures of ``results.md``);
 * ``results.csv`` -- one row per head, seed and fold: sizes, accuracy, balanced accuracy, AUC, F1, seconds;
 * ``results.md`` -- per head, mean +- std over all folds and seeds, and the out-of-fold metrics pooled per
   seed (mean +- std over seeds);
 * ``predictions.csv`` -- every held-out bag's probabilities, per head, seed and fold;
 * ``instance_scores/{head}.h5`` -- ``/seed{s}/fold{f}/{slide_id}`` ``[n]`` for heads with instance scores;
 * ``model.pt`` (one config) or ``model_{head}.pt`` (several): the head retrained on all bags
-  (:func:`medcl.mil.train.load_mil_model` reads it); ``config_{head}.yaml``, ``run.json``.
+  (:func:`medcl.mil.train.load_mil_model` reads it; its run record says ``complete: true``); ``run.json``;
+* ``units/{head}/seed{s}_fold{f}.json`` (+ ``.h5`` with the instance scores): each finished fit's results.
+
+**Resume** (``resume=True``, ``--resume``): a rerun into the same folder with the same heads, configs and bags
+skips every (head, seed, fold) whose unit file exists and every final model already written, and rebuilds the
+tables from the unit files. Each fit is a pure function of its seed (``seed * 1000 + fold``; the final model:
+the first seed), so a resumed run gives the same tables as an uninterrupted one (the ``seconds`` column keeps
+the time of the run that did the fit). Only ``device``, ``threads``, ``data.workers`` and ``train.fast`` may
+change (they do not change results).
 """
 
 from __future__ import annotations
 
+import json
 import logging
 import math
 import sys
@@ -26,16 +41,19 @@ from typing import Any
 import numpy as np
 
 from medcl.config import save_config, to_dict
-from medcl.core.errors import MedclConfigError
+from medcl.core.errors import MedclConfigError, MedclDataError
 from medcl.core.files import atomic_path, atomic_write_json, atomic_write_text, write_csv
 from medcl.core.record import RunRecord
+from medcl.core.runfolder import RunFolder, config_differences, prepare_run_folder, read_record
 from medcl.mil.bags import BagDataset
 from medcl.mil.config import MILConfig
 from medcl.mil.cv import stratified_group_kfold, subsample_class
+from medcl.mil.fast import fast_path_choice
 from medcl.mil.metrics import bag_metrics
 from medcl.mil.train import evaluate, fit_head, save_mil_model
 
 METRICS = ("accuracy", "balanced_accuracy", "auc", "f1")
+RESUME_FREE = ("device", "threads", "data.workers", "train.fast")  # keys a resumed run may change
 
 log = logging.getLogger(__name__)
 
@@ -66,6 +84,20 @@ def _write_instance_scores(path: Path, entries: list[tuple[int, int, list[str], 
                 g.create_dataset(sid, data=s.astype(np.float32))
 
 
+def _read_instance_scores(path: Path, seed: int, fold: int, ids: list[str]) -> list[np.ndarray]:
+    import h5py
+
+    with h5py.File(path, "r") as f:
+        return [np.asarray(f[f"seed{seed}/fold{fold}/{sid}"][()]) for sid in ids]
+
+
+def _data_inputs(ds: BagDataset) -> list[str]:
+    """The paths ``--out`` must not be nor hold: the data file and the folders of the bags' h5 files."""
+    paths = {ds.source} if ds.source else set()
+    paths |= {str(Path(b.path).parent) for b in ds.bags if b.path and Path(b.path) != Path(ds.source)}
+    return sorted(paths)
+
+
 def cross_validate(
     cfgs: list[MILConfig],
     ds: BagDataset,
@@ -73,33 +105,44 @@ def cross_validate(
     *,
     device: str | None = None,
     progress: bool = True,
+    resume: bool = False,
+    overwrite: bool = False,
 ) -> list[dict[str, Any]]:
     """Run the CV of every config on ``ds``, write the outputs listed in the module docstring, return the rows.
 
-    A progress bar counts the fits (heads x seeds x folds, plus one final model per head).
+    ``out`` must be new or empty unless ``resume`` (continue the run there, see the module docstring) or
+    ``overwrite`` (empty it first); it may not be or hold the data. A progress bar counts the fits (heads x
+    seeds x folds, plus one final model per head).
     """
     from tqdm.auto import tqdm
 
-    out = Path(out)
-    out.mkdir(parents=True, exist_ok=True)
+    if resume and overwrite:
+        raise MedclConfigError("--overwrite", "cannot be combined with --resume (one continues the run, the other "
+                                              "empties the folder)")
     names = [c.label for c in cfgs]
     if len(set(names)) != len(names):
         raise MedclConfigError("name", f"two configs share a name: {names} (set 'name' in each)")
+    out = prepare_run_folder(out, "mil", resume=resume, overwrite=overwrite, inputs=_data_inputs(ds))
+    if resume:
+        _check_resume(out, cfgs, ds)
+    extra = {"data": ds.source, "heads": names, "configs": {n: f"config_{n}.yaml" for n in names},
+             "n_bags": len(ds), "classes": ds.classes, "in_dim": ds.in_dim}
+    patients = sorted({b.patient for b in ds.bags if b.patient is not None})
+    folder = RunFolder(out, RunRecord(kind="mil", config=to_dict(cfgs[0]), cases_seen=ds.ids, patients_seen=patients,
+                                      extra=extra))
+    folder.begin(cfgs[0])
+    for cfg in cfgs:
+        save_config(cfg, out / f"config_{cfg.label}.yaml")
     total = sum(len(c.cv.seeds) * c.cv.folds + int(c.cv.final_model) for c in cfgs)
     bar = tqdm(total=total, desc="mil train", unit="fit", disable=not progress, file=sys.stderr)
     cv = _CVOutputs()
     try:
         for cfg in cfgs:
-            save_config(cfg, out / f"config_{cfg.label}.yaml")
-            _cross_validate_head(cfg, ds, out, cv, bar, device)
+            log.info("[%s] training path: %s", cfg.label, fast_path_choice(ds, cfg.train.fast, cfg.data.max_memory_gb)[1])
+            _cross_validate_head(cfg, ds, out, cv, bar, device, folder)
             if cfg.cv.final_model:
-                bar.set_postfix_str(f"{cfg.label} final model")
-                fit = fit_head(cfg, ds, seed=cfg.cv.seeds[0], device=device)
-                record = RunRecord(kind="mil", config=to_dict(cfg), cases_seen=ds.ids).to_dict()
-                path = out / ("model.pt" if len(cfgs) == 1 else f"model_{cfg.label}.pt")
-                save_mil_model(path, fit.head, cfg, ds.classes, record)
-                bar.update(1)
-                log.info("[%s] final model on all %d bags -> %s", cfg.label, len(ds), path)
+                _final_model(cfg, ds, out, len(cfgs) == 1, cv, bar, device)
+                folder.stopped_at(cv.steps)
     finally:
         bar.close()
     write_csv(out / "results.csv", cv.rows)
@@ -109,21 +152,94 @@ def cross_validate(
         "data": ds.source, "n_bags": len(ds), "classes": ds.classes, "in_dim": ds.in_dim,
         "grouped_by_patient": ds.patients is not None, "heads": names,
     }, out / "run.json", indent=2)
+    folder.finish(run_summary(cfgs, ds, cv.rows, cv.pooled), step=cv.steps)
     return cv.rows
+
+
+def _check_resume(out: Path, cfgs: list[MILConfig], ds: BagDataset) -> None:
+    """Refuse ``--resume`` into a folder whose run differs in kind, heads, configs or bags (one line each)."""
+    rec = read_record(out)
+    if rec is None:
+        if any(not p.name.startswith(".") for p in out.iterdir()):
+            raise MedclDataError(out, "--resume: this folder holds no run record (record.json); nothing to resume")
+        return
+    if rec.get("kind") != "mil":
+        raise MedclConfigError("--resume", f"{out} holds a {rec.get('kind')} run, not a 'medcl mil train' run")
+    heads = list((rec.get("extra") or {}).get("heads") or [])
+    names = [c.label for c in cfgs]
+    if heads != names:
+        raise MedclConfigError("--config", f"--resume continues the run in {out}, which compared heads {heads}; "
+                                           f"got {names}")
+    if list(rec.get("cases_seen") or []) != ds.ids:
+        raise MedclConfigError("--data", f"--resume continues the run in {out}, which used other bags")
+    for cfg in cfgs:
+        saved = out / f"config_{cfg.label}.yaml"
+        if not saved.is_file():
+            raise MedclDataError(saved, "--resume: the run's config of this head is missing")
+        diff = config_differences(saved, to_dict(cfg), free=RESUME_FREE)
+        if diff:
+            raise MedclConfigError(diff[0], f"--resume continues the run in {out}, whose config of '{cfg.label}' "
+                                            f"differs in {', '.join(diff)}")
 
 
 @dataclass
 class _CVOutputs:
-    """What the folds of all heads accumulate: metric rows, prediction rows, pooled out-of-fold metrics."""
+    """What the folds of all heads accumulate: metric rows, prediction rows, pooled out-of-fold metrics, steps."""
 
     rows: list[dict[str, Any]] = field(default_factory=list)
     pred_rows: list[dict[str, Any]] = field(default_factory=list)
     pooled: dict[str, list[dict[str, float]]] = field(default_factory=dict)
+    steps: int = 0
+
+
+@dataclass
+class _Unit:
+    """One finished (head, seed, fold) fit: its results row, prediction rows, held-out probabilities ``[n, K]``,
+    optimiser steps and instance scores (``None`` for heads without)."""
+
+    row: dict[str, Any]
+    pred_rows: list[dict[str, Any]]
+    probs: np.ndarray
+    steps: int
+    scores: list[np.ndarray] | None
+
+    def save(self, path: Path, ids: list[str], seed: int, fold: int) -> None:
+        if self.scores is not None:  # scores first: a unit counts as done once its JSON exists
+            _write_instance_scores(path.with_suffix(".h5"), [(seed, fold, ids, self.scores)])
+        atomic_write_json({"row": self.row, "pred_rows": self.pred_rows, "probs": self.probs.tolist(),
+                           "steps": self.steps, "has_scores": self.scores is not None}, path, indent=None)
+
+    @classmethod
+    def load(cls, path: Path, ids: list[str], seed: int, fold: int) -> _Unit:
+        try:
+            d = json.loads(path.read_text())
+            scores = _read_instance_scores(path.with_suffix(".h5"), seed, fold, ids) if d["has_scores"] else None
+            return cls(d["row"], d["pred_rows"], np.asarray(d["probs"], dtype=np.float64), int(d["steps"]), scores)
+        except (OSError, ValueError, KeyError) as exc:
+            raise MedclDataError(path, f"unreadable unit of a resumed run ({exc}); rerun with --overwrite") from exc
+
+
+def _fit_unit(cfg: MILConfig, ds: BagDataset, train_idx: np.ndarray, test_idx: np.ndarray, seed: int, fold: int,
+              device: str | None) -> _Unit:
+    """Train on ``train_idx``, predict ``test_idx``: the rows and scores of one fold."""
+    labels = ds.labels.numpy()
+    pos = positive_index(cfg, ds.classes)
+    fit = fit_head(cfg, ds.subset(train_idx), seed=seed * 1000 + fold, device=device)
+    pred = evaluate(fit.head, ds.subset(test_idx), batch_size=cfg.train.batch_size, workers=cfg.data.workers)
+    m = bag_metrics(labels[test_idx], pred.probs)
+    row = {"head": cfg.label, "seed": seed, "fold": fold, "n_train": len(train_idx),
+           "n_train_positive": int((labels[train_idx] == pos).sum()), "n_test": len(test_idx),
+           **{k: round(v, 6) for k, v in m.items()}, "seconds": round(fit.seconds, 3)}
+    pred_rows = [{"head": cfg.label, "seed": seed, "fold": fold, "bag": ds.bags[i].id,
+                  "label": ds.classes[labels[i]], "pred": ds.classes[int(pred.probs[j].argmax())],
+                  **{f"p_{c}": round(float(p), 6) for c, p in zip(ds.classes, pred.probs[j])}}
+                 for j, i in enumerate(test_idx)]
+    return _Unit(row, pred_rows, pred.probs, fit.steps, pred.instance_scores)
 
 
 def _cross_validate_head(cfg: MILConfig, ds: BagDataset, out: Path, cv: _CVOutputs, bar: Any,
-                         device: str | None) -> None:
-    """Every seed and fold of one head: train, predict the held-out fold, record rows and instance scores."""
+                         device: str | None, folder: RunFolder) -> None:
+    """Every seed and fold of one head (finished ones read back): rows, pooled metrics, instance scores."""
     name = cfg.label
     labels = ds.labels.numpy()
     pos = positive_index(cfg, ds.classes)
@@ -134,25 +250,23 @@ def _cross_validate_head(cfg: MILConfig, ds: BagDataset, out: Path, cv: _CVOutpu
         oof = np.zeros((len(ds), len(ds.classes)))
         for f, test_idx in enumerate(folds):
             bar.set_postfix_str(f"{name} seed {seed} fold {f}")
-            train_idx = np.setdiff1d(np.arange(len(ds)), test_idx)
-            if cfg.cv.imbalance is not None:
-                train_idx = subsample_class(train_idx, labels, pos, cfg.cv.imbalance, seed * 1000 + f)
-            fit = fit_head(cfg, ds.subset(train_idx), seed=seed * 1000 + f, device=device)
-            test_ds = ds.subset(test_idx)
-            pred = evaluate(fit.head, test_ds, batch_size=cfg.train.batch_size, workers=cfg.data.workers)
-            oof[test_idx] = pred.probs
-            m = bag_metrics(labels[test_idx], pred.probs)
-            cv.rows.append({
-                "head": name, "seed": seed, "fold": f, "n_train": len(train_idx),
-                "n_train_positive": int((labels[train_idx] == pos).sum()), "n_test": len(test_idx),
-                **{k: round(v, 6) for k, v in m.items()}, "seconds": round(fit.seconds, 3),
-            })
-            for j, i in enumerate(test_idx):
-                cv.pred_rows.append({"head": name, "seed": seed, "fold": f, "bag": ds.bags[i].id,
-                                     "label": ds.classes[labels[i]], "pred": ds.classes[int(pred.probs[j].argmax())],
-                                     **{f"p_{c}": round(float(p), 6) for c, p in zip(ds.classes, pred.probs[j])}})
-            if pred.instance_scores is not None:
-                score_entries.append((seed, f, test_ds.ids, pred.instance_scores))
+            test_ids = [ds.bags[i].id for i in test_idx]
+            path = out / "units" / name / f"seed{seed}_fold{f}.json"
+            if path.is_file():
+                unit = _Unit.load(path, test_ids, seed, f)
+            else:
+                train_idx = np.setdiff1d(np.arange(len(ds)), test_idx)
+                if cfg.cv.imbalance is not None:
+                    train_idx = subsample_class(train_idx, labels, pos, cfg.cv.imbalance, seed * 1000 + f)
+                unit = _fit_unit(cfg, ds, train_idx, test_idx, seed, f, device)
+                unit.save(path, test_ids, seed, f)
+            oof[test_idx] = unit.probs
+            cv.rows.append(unit.row)
+            cv.pred_rows += unit.pred_rows
+            cv.steps += unit.steps
+            if unit.scores is not None:
+                score_entries.append((seed, f, test_ids, unit.scores))
+            folder.stopped_at(cv.steps)
             bar.update(1)
         pooled_m = bag_metrics(labels, oof)
         cv.pooled[name].append(pooled_m)
@@ -162,6 +276,50 @@ def _cross_validate_head(cfg: MILConfig, ds: BagDataset, out: Path, cv: _CVOutpu
                  sum(r["seconds"] for r in fold_rows))
     if score_entries:
         _write_instance_scores(out / "instance_scores" / f"{name}.h5", score_entries)
+
+
+def _final_model(cfg: MILConfig, ds: BagDataset, out: Path, single: bool, cv: _CVOutputs, bar: Any,
+                 device: str | None) -> None:
+    """The head trained on all bags (kept when a resumed run finds it written)."""
+    path = out / ("model.pt" if single else f"model_{cfg.label}.pt")
+    bar.set_postfix_str(f"{cfg.label} final model")
+    if path.is_file():  # written atomically: present means complete
+        from medcl.engine.checkpoint import safe_torch_load
+
+        cv.steps += int((safe_torch_load(path).get("record") or {}).get("step", 0))
+    else:
+        fit = fit_head(cfg, ds, seed=cfg.cv.seeds[0], device=device)
+        record = RunRecord(kind="mil", config=to_dict(cfg), cases_seen=ds.ids, complete=True, step=fit.steps,
+                           extra={"final_model": True, "data": ds.source}).to_dict()
+        save_mil_model(path, fit.head, cfg, ds.classes, record)
+        cv.steps += fit.steps
+        log.info("[%s] final model on all %d bags -> %s", cfg.label, len(ds), path)
+    bar.update(1)
+
+
+def head_figures(rows: list[dict[str, Any]], pooled: list[dict[str, float]]) -> dict[str, Any]:
+    """One head's figures: per metric mean and std over all folds and seeds (``folds``) and of the out-of-fold
+    metrics pooled per seed over seeds (``pooled``); NaN (e.g. AUC of single-class folds only) is ``None``."""
+
+    def ms(values: list[float]) -> dict[str, float | None]:
+        m, s = _mean_std(values)
+        return {"mean": None if math.isnan(m) else m, "std": None if math.isnan(s) else s}
+
+    return {"runs": len(rows), "seeds": len(pooled),
+            "folds": {k: ms([float(r[k]) for r in rows]) for k in METRICS},
+            "pooled": {k: ms([float(p[k]) for p in pooled]) for k in METRICS},
+            "seconds_per_run": float(np.mean([r["seconds"] for r in rows])) if rows else None}
+
+
+def run_summary(cfgs: list[MILConfig], ds: BagDataset, rows: list[dict[str, Any]],
+                pooled: dict[str, list[dict[str, float]]]) -> dict[str, Any]:
+    """``summary.json``: the data, the CV settings and :func:`head_figures` of every head."""
+    c0 = cfgs[0].cv
+    return {"data": ds.source, "n_bags": len(ds), "n_instances": ds.n_instances, "classes": ds.classes,
+            "folds": c0.folds, "seeds": list(c0.seeds), "imbalance": c0.imbalance,
+            "grouped_by_patient": ds.patients is not None,
+            "heads": {c.label: head_figures([r for r in rows if r["head"] == c.label], pooled[c.label])
+                      for c in cfgs}}
 
 
 def results_markdown(

@@ -50,7 +50,20 @@ class BagBatchSampler:
         g.manual_seed(self.seed * 1_000_003 + epoch)
         return g
 
+    def epoch_index(self, epoch: int) -> tuple[torch.Tensor, list[int]]:
+        """The batches of :meth:`epoch` concatenated into one int64 tensor, and the length of each batch.
+
+        The same draws as :meth:`epoch` (the plain shuffle is not turned into Python lists at all).
+        """
+        if self.mode == "random" and self.min_per_class == 0:
+            perm = torch.randperm(len(self.labels), generator=self._gen(epoch))
+            n, b = len(perm), self.batch_size
+            return perm, [min(b, n - i) for i in range(0, n, b)]
+        batches = self.epoch(epoch)
+        return torch.tensor([i for bt in batches for i in bt], dtype=torch.long), [len(bt) for bt in batches]
+
     def epoch(self, epoch: int) -> list[list[int]]:
+        """Lists of bag indices of epoch ``epoch``."""
         g = self._gen(epoch)
         n_batches = len(self)
         if self.mode == "random" and self.min_per_class == 0:

@@ -4,10 +4,18 @@ A plain PyTorch loop rather than a Lightning ``Trainer``: cross-validation train
 (10 folds x 5 seeds x heads) on whole-bag batches, where a Trainer's per-fit start-up and per-step hooks
 would cost more than the training itself. Each step is one padded batch of whole bags (vectorised over bags
 and instances); the loss is read back to the host once per epoch, not per step.
+
+Two batch sources give the same batches (bit for bit) and so the same model for a seed: bags that fit
+(``train.fast``, see :func:`medcl.mil.fast.fast_path_choice`) are preloaded on the training device once per fit
+and gathered per batch (:class:`medcl.mil.fast.PackedBags`); the others stream, collated on the host (and read by
+DataLoader workers from their h5 files when lazy). Independently, ``train.pack_instances`` runs each head's
+instance MLP on the real instances only during training (:meth:`medcl.mil.heads.MILHead.encode`): the same model
+up to float rounding, with the same random draws; prediction always runs the padded computation.
 """
 
 from __future__ import annotations
 
+import logging
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -26,8 +34,12 @@ from medcl.engine.seeding import seed_everything
 from medcl.mil.augment import subsample_instances
 from medcl.mil.bags import BagBatch, BagDataset, collate_bags
 from medcl.mil.config import MILConfig
+from medcl.mil.fast import PackedBags, fast_path_choice
 from medcl.mil.heads import MILHead, TrainingInfo, build_head
+from medcl.mil.heads.base import set_instance_packing
 from medcl.mil.sampling import BagBatchSampler
+
+log = logging.getLogger(__name__)
 
 MODEL_FORMAT = "medcl-mil-model"
 MODEL_VERSION = 1
@@ -72,11 +84,14 @@ def iterate_batches(ds: BagDataset, batches: list[list[int]], workers: int = 0):
 
 @dataclass
 class FitResult:
-    """A trained head, the per-epoch mean of each loss term, and the training time in seconds."""
+    """A trained head, the per-epoch mean of each loss term, the training time in seconds, the optimiser steps
+    and whether the bags were preloaded on the device (the fast path)."""
 
     head: MILHead
     history: list[dict[str, float]] = field(default_factory=list)
     seconds: float = 0.0
+    steps: int = 0
+    fast: bool = False
 
 
 def fit_head(
@@ -84,19 +99,20 @@ def fit_head(
 ) -> FitResult:
     """Train the head of ``cfg`` on ``train_ds`` (all of it; no early stopping) and return it in eval mode.
 
-    Runs with ``cfg.train.threads`` CPU threads (restored afterwards).
+    Runs with ``cfg.threads`` CPU threads (restored afterwards) on ``device`` (default ``cfg.device``); the bags
+    are preloaded on the device when ``cfg.train.fast`` and they fit, else streamed (same results).
     """
-    with torch_threads(cfg.train.threads):
+    with torch_threads(cfg.threads):
         return _fit(cfg, train_ds, seed, device)
 
 
 def _fit(cfg: MILConfig, train_ds: BagDataset, seed: int, device: str | torch.device | None) -> FitResult:
     t0 = time.perf_counter()
     seed_everything(seed)
-    dev = resolve_device(device if device is not None else cfg.train.device)
+    dev = resolve_device(device if device is not None else cfg.device)
     k = len(train_ds.classes)
     head = build_head(cfg, train_ds.in_dim, k).to(dev)
-    tc = cfg.train
+    tc, oc = cfg.train, cfg.optim
     if tc.standardize != "none":
         head.set_standardization(*feature_stats(train_ds, tc.standardize, tc.std_floor))
     min_pc = int(getattr(head, "min_per_class", 0))
@@ -110,23 +126,33 @@ def _fit(cfg: MILConfig, train_ds: BagDataset, seed: int, device: str | torch.de
         )
     )
     params = [p for p in head.parameters() if p.requires_grad]
-    opt = torch.optim.AdamW(params, lr=tc.lr, weight_decay=tc.weight_decay, foreach=True)
-    sched = make_lr_scheduler(opt, lr_schedule(total_steps, "cosine")) if tc.scheduler == "cosine" else None
+    opt = torch.optim.AdamW(params, lr=oc.lr, weight_decay=oc.weight_decay, foreach=True)
+    sched = None
+    if oc.schedule != "constant" or oc.lr_warmup_steps > 0:  # constant without warm-up: no scheduler at all
+        sched = make_lr_scheduler(opt, lr_schedule(total_steps, oc.schedule, oc.lr_warmup_steps))
+    fast, why = fast_path_choice(train_ds, tc.fast, cfg.data.max_memory_gb)
+    log.debug("training %s on %d bags: %s", cfg.label, len(train_ds), why)
+    packed = PackedBags(train_ds, dev) if fast else None
+    set_instance_packing(head, tc.pack_instances)
     head.train()
     history: list[dict[str, float]] = []
     step = 0
     for epoch in range(tc.epochs):
+        if packed is not None:
+            batches = packed.epoch(*sampler.epoch_index(epoch))
+        else:
+            batches = (b.to(dev, non_blocking=True)
+                       for b in iterate_batches(train_ds, sampler.epoch(epoch), cfg.data.workers))
         sums: dict[str, torch.Tensor] = {}
         n = 0
-        for batch in iterate_batches(train_ds, sampler.epoch(epoch), cfg.data.workers):
-            batch = batch.to(dev, non_blocking=True)
+        for batch in batches:
             if tc.instance_keep < 1:
                 batch.mask = subsample_instances(batch.mask, tc.instance_keep)
             terms = head.training_loss(batch, progress=step / total_steps)
             opt.zero_grad(set_to_none=True)
             terms["loss"].backward()
-            if tc.grad_clip:
-                torch.nn.utils.clip_grad_norm_(params, tc.grad_clip)
+            if oc.grad_clip:
+                torch.nn.utils.clip_grad_norm_(params, oc.grad_clip)
             opt.step()
             if sched is not None:
                 sched.step()
@@ -136,8 +162,9 @@ def _fit(cfg: MILConfig, train_ds: BagDataset, seed: int, device: str | torch.de
             n += 1
             step += 1
         history.append({key: float(v) / n for key, v in sums.items()})  # one host sync per epoch
+    set_instance_packing(head, False)  # prediction: the padded reference computation
     head.eval()
-    return FitResult(head, history, time.perf_counter() - t0)
+    return FitResult(head, history, time.perf_counter() - t0, step, fast)
 
 
 @dataclass

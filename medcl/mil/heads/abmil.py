@@ -88,7 +88,7 @@ class ABMIL(MILHead):
         self.classifier = nn.Linear(self.embed_dim, n_classes)
 
     def forward_features(self, x: Tensor, mask: Tensor) -> MILOutput:
-        h = self.encoder(x)
+        h = self.encode(x, mask)
         z, a, e = self.pool(h, mask)
         return MILOutput(self.classifier(z), a, z, {"attention_logits": e})
 

@@ -12,6 +12,10 @@ before anything else, softmaxes over instances put ``-inf`` on padding, means di
 maxima ignore padding, and no operation mixes statistics across the bags of a batch. A bag therefore gets
 the same logits alone and in any padded batch (up to float rounding), in ``eval()`` mode.
 
+Heads run their instance MLP through :meth:`MILHead.encode` (``h = self.encode(x, mask)``), which training may
+switch to the real rows only (:func:`packed_apply`, ``train.pack_instances``): padding rows of ``h`` are then
+zero instead of ``encoder(0)``, which no head may read.
+
 Heads are multi-class: ``K >= 2`` classes with a softmax cross-entropy. Features are standardised inside the
 head (``(x - mean) / std`` with buffers fitted on the training fold), so a saved head takes raw features.
 """
@@ -81,6 +85,54 @@ def instance_rank(mask: Tensor) -> Tensor:
     return torch.where(mask, mask.long().cumsum(1) - 1, torch.full_like(mask, -1, dtype=torch.long))
 
 
+_ROW_WISE = (nn.Linear, nn.ReLU, nn.GELU, nn.Tanh, nn.Identity, nn.Dropout)
+
+
+def _row_wise_layers(module: nn.Module) -> list[nn.Module] | None:
+    """The leaf layers of ``module`` (nested ``Sequential`` s flattened) when each acts on one instance row at a
+    time, else ``None``."""
+    if isinstance(module, nn.Sequential):
+        out: list[nn.Module] = []
+        for m in module:
+            sub = _row_wise_layers(m)
+            if sub is None:
+                return None
+            out += sub
+        return out
+    return [module] if isinstance(module, _ROW_WISE) else None
+
+
+def packed_apply(module: nn.Module, x: Tensor, mask: Tensor) -> Tensor:
+    """``module`` (a row-wise MLP, see :func:`mlp`) on the real instances of ``x`` only.
+
+    ``x [B, N, D], mask [B, N] -> [B, N, E]``: the rows where ``mask`` is True equal ``module(x)``'s up to float
+    rounding (the matrix products see ``M`` real rows instead of ``B * N``); padding rows are zero instead of
+    ``module(0)``, which no head reads. Dropout draws its noise over the padded shape ``[B, N, E]`` exactly as
+    ``module(x)`` would (:func:`torch.nn.functional.dropout` of ones) and keeps the real rows' part, so the random
+    stream, and every later draw, is the padded computation's. Falls back to ``module(x)`` for other modules.
+    """
+    layers = _row_wise_layers(module)
+    if layers is None:
+        return module(x)
+    shape = mask.shape
+    h = x[mask]  # [M, D]
+    for layer in layers:
+        if isinstance(layer, nn.Dropout):
+            if layer.training and layer.p > 0:
+                ones = torch.ones((*shape, h.shape[-1]), dtype=h.dtype, device=h.device)
+                h = h * F.dropout(ones, layer.p, training=True)[mask]  # noise / (1 - p), as F.dropout multiplies
+        else:
+            h = layer(h)
+    return h.new_zeros((*shape, h.shape[-1])).index_put((mask,), h)
+
+
+def set_instance_packing(head: nn.Module, on: bool) -> None:
+    """Switch :meth:`MILHead.encode` of ``head`` and every head inside it (SC-MIL's base) to packed rows."""
+    for m in head.modules():
+        if isinstance(m, MILHead):
+            m.pack_instances = bool(on)
+
+
 def mlp(in_dim: int, hidden: list[int] | tuple[int, ...], dropout: float = 0.0) -> tuple[nn.Module, int]:
     """``Linear -> ReLU -> Dropout`` per width in ``hidden``; returns the module and its output width."""
     layers: list[nn.Module] = []
@@ -103,6 +155,9 @@ class MILHead(nn.Module, ABC):
         in_dim: instance feature width ``D``.
         n_classes: number of classes ``K >= 2``.
     """
+
+    # encode() on the real instances only (training speed; fit_head sets it, see train.pack_instances)
+    pack_instances: bool = False
 
     def __init__(self, in_dim: int, n_classes: int) -> None:
         super().__init__()
@@ -132,6 +187,16 @@ class MILHead(nn.Module, ABC):
             mask = torch.ones(x.shape[:2], dtype=torch.bool, device=x.device)
         mask = mask.bool()
         return self.forward_features(self.prepare_input(x, mask), mask)
+
+    def encode(self, x: Tensor, mask: Tensor) -> Tensor:
+        """The instance MLP ``self.encoder``: ``[B, N, D] -> [B, N, E]``.
+
+        Padded (``self.encoder(x)`` on every row) unless :attr:`pack_instances`: then on the real rows only
+        (:func:`packed_apply`; the same values up to float rounding, zero at padding, the same random draws).
+        """
+        if self.pack_instances:
+            return packed_apply(self.encoder, x, mask)
+        return self.encoder(x)
 
     @abstractmethod
     def forward_features(self, x: Tensor, mask: Tensor) -> MILOutput:

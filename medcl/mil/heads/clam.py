@@ -73,7 +73,7 @@ class CLAMSB(MILHead):
         self.k, self.use_instance_loss, self.bag_weight, self.subtyping = int(k), instance_loss, bag_weight, subtyping
 
     def forward_features(self, x: Tensor, mask: Tensor) -> MILOutput:
-        h = self.encoder(x)
+        h = self.encode(x, mask)
         z, a, e = self.pool(h, mask)
         extras = {"attention_logits": e, "instance_embeddings": h, "mask": mask}
         return MILOutput(self.classifier(z), a, z, extras)

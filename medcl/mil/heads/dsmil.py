@@ -172,7 +172,7 @@ class DSMIL(MILHead):
         self.average = bool(average)
 
     def forward_features(self, x: Tensor, mask: Tensor) -> MILOutput:
-        h = self.encoder(x)  # [B, N, E]
+        h = self.encode(x, mask)  # [B, N, E]
         c = self.instance_classifier(h)  # [B, N, C]
         max_logits = c.masked_fill(~mask.unsqueeze(-1), float("-inf")).amax(1)  # [B, C]
         u, critical = critical_attention(self.query(h), c, mask, self.scale)  # [B, N, C], [B, C]
@@ -243,7 +243,7 @@ class DSMILSoftmax(MILHead):
         self.instance_weight = float(instance_weight)
 
     def forward_features(self, x: Tensor, mask: Tensor) -> MILOutput:
-        h = self.encoder(x)  # [B, N, E]
+        h = self.encode(x, mask)  # [B, N, E]
         c = self.instance_classifier(h)  # [B, N, K]
         max_logits = c.masked_fill(~mask.unsqueeze(-1), float("-inf")).amax(1)  # [B, K]
         u, critical = critical_attention(self.query(h), c, mask, self.scale)  # [B, N, K]

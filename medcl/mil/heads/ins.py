@@ -231,7 +231,7 @@ class INSBase(MILHead):
         sel = subsample_instances(mask, self.keep) if self.keep < 1 else mask
         xq = feature_augment(x, sel, self.feature_dropout, self.noise)
         xk = feature_augment(x, sel, self.feature_dropout, self.noise)
-        hq_pad = self.encoder(xq)  # [B, N, E]
+        hq_pad = self.encode(xq, sel)  # [B, N, E]
         hq = hq_pad[sel]  # [M, E]
         logits_i = self.instance_classifier(hq)
         zq = F.normalize(self.projector(hq), dim=1)
@@ -325,7 +325,7 @@ class INSHead(INSBase):
         return cls(in_dim, n_classes, **_ins_kwargs(cfg))
 
     def forward_features(self, x: Tensor, mask: Tensor) -> MILOutput:
-        h = self.encoder(x)  # [B, N, E]
+        h = self.encode(x, mask)  # [B, N, E]
         inst = self.instance_classifier(h)  # [B, N, K]
         logits = mean_instance_probability_logits(inst, mask)  # [B, K]
         scores = self.instance_probability_scores(inst, logits.argmax(-1), mask)
@@ -374,7 +374,7 @@ class INSAttentionHead(INSBase):
                    **_ins_kwargs(cfg))
 
     def forward_features(self, x: Tensor, mask: Tensor) -> MILOutput:
-        h = self.encoder(x)
+        h = self.encode(x, mask)
         inst = self.instance_classifier(h)  # [B, N, K]
         z, a, _ = self.pool(h, mask)
         logits = self.classifier(z)

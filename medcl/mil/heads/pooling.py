@@ -38,7 +38,7 @@ class MeanPoolMIL(MILHead):
         self.classifier = nn.Linear(self.embed_dim, n_classes)
 
     def forward_features(self, x: Tensor, mask: Tensor) -> MILOutput:
-        h = self.encoder(x)  # [B, N, E]
+        h = self.encode(x, mask)  # [B, N, E]
         z = masked_mean(h, mask)  # [B, E]
         logits = self.classifier(z)
         inst = self.classifier(h)  # [B, N, K]
@@ -69,7 +69,7 @@ class MaxPoolMIL(MILHead):
         self.classifier = nn.Linear(self.embed_dim, n_classes)
 
     def forward_features(self, x: Tensor, mask: Tensor) -> MILOutput:
-        h = self.encoder(x)
+        h = self.encode(x, mask)
         z = masked_max(h, mask)
         argmax = h.masked_fill(~mask.unsqueeze(-1), float("-inf")).argmax(1)
         return MILOutput(self.classifier(z), None, z, {"argmax": argmax})

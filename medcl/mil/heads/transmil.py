@@ -131,7 +131,7 @@ class TransMIL(MILHead):
 
     def forward_features(self, x: Tensor, mask: Tensor) -> MILOutput:
         b = x.shape[0]
-        h = self.encoder(x) * mask.unsqueeze(-1)
+        h = self.encode(x, mask) * mask.unsqueeze(-1)
         seq = torch.cat([self.cls_token.expand(b, -1, -1), h], dim=1)
         smask = torch.cat([torch.ones(b, 1, dtype=torch.bool, device=mask.device), mask], dim=1)
         first = None
