@@ -265,7 +265,7 @@ def test_recipes_resolve_through_base_to_the_configs_they_were_before():
     """The recipes inherit seed, data, backbone, optim, trainer and monitor from base/common.yaml; each resolves to
     exactly the config it had before the inheritance (tests/data/pretrain_recipes_resolved.json), except for the
     renamed key (optim.warmup_steps -> optim.lr_warmup_steps) and the keys added since (threads, device,
-    terms.*.target_norm, data.render)."""
+    terms.*.target_norm, data.render, the nnU-Net backbone fields)."""
     before = json.loads((Path(__file__).parent / "data" / "pretrain_recipes_resolved.json").read_text())
     assert sorted(set(RECIPES) - set(before)) == ["mae"]  # the one recipe added since
     for name in before:
@@ -274,6 +274,9 @@ def test_recipes_resolve_through_base_to_the_configs_they_were_before():
         now["optim"]["warmup_steps"] = now["optim"].pop("lr_warmup_steps")
         assert all(t.pop("target_norm") == "none" for t in now["terms"].values())  # added since, default kept
         assert now["data"].pop("render") == "device"
+        nnunet_fields = {k: now["backbone"].pop(k) for k in ("plans", "preset", "blocks", "decoder_blocks", "conv_bias")}
+        assert nnunet_fields == {"plans": None, "preset": None, "blocks": None, "decoder_blocks": None,
+                                 "conv_bias": True}  # added since, unused by the DynUNet / SwinUNETR recipes
         assert now == before[name], name
         raw = (CONFIGS / f"{name}.yaml").read_text()
         assert "base: base/common.yaml" in raw and "trainer:" not in raw, f"{name} repeats what the base holds"
