@@ -324,6 +324,24 @@ def test_ema_update_formula_and_cosine_schedule():
     assert out.bottleneck.shape == (2, 64, 2, 2, 2) and not out.bottleneck.requires_grad
 
 
+def test_ema_warmup_is_the_mean_teachers_rule():
+    """warmup=True: update t uses min(1 - 1/(t+1), m) (Tarvainen & Valpola): the first update copies the student,
+    the next ones keep the running mean of the student until the momentum is reached."""
+    student = _student()
+    ema = EMATeacher(student, momentum=0.9, warmup=True)
+    assert [round(ema.momentum_at(t), 6) for t in (0, 1, 2, 8, 9, 50)] == [0.0, 0.5, round(2 / 3, 6), 0.888889,
+                                                                           0.9, 0.9]
+    states = []
+    for s in range(3):
+        _perturb(student, s + 1)
+        ema.update(student)
+        states.append({k: v.detach().clone() for k, v in student.named_parameters()})
+    for k, p in ema.module.named_parameters():  # three updates = the plain mean of the three students
+        assert torch.allclose(p, sum(st[k] for st in states) / 3, atol=1e-6), k
+    with pytest.raises(ValueError, match="exclusive"):
+        EMATeacher(student, momentum=0.9, final_momentum=1.0, total_steps=4, warmup=True)
+
+
 def test_ema_state_dict_round_trip_exact_resume(tmp_path):
     student = _student()
     ema = EMATeacher(student, momentum=0.5, final_momentum=1.0, total_steps=10)

@@ -104,7 +104,8 @@ def test_semi_run_uses_the_pool_not_the_test_set_and_logs_its_terms(semi_ws):
 
 
 def test_teacher_is_the_ema_of_the_student(semi_ws, tmp_path, monkeypatch):
-    """After every optimiser step: teacher = m * previous teacher + (1 - m) * student, parameter by parameter."""
+    """After every optimiser step t (0-based): teacher = m_t * previous teacher + (1 - m_t) * student, parameter by
+    parameter, with the mean teacher's warm-up m_t = min(1 - 1/(t+1), ema): the first step copies the student."""
     root, data, _ = semi_ws
     snaps: list[tuple[dict, dict]] = []
 
@@ -120,9 +121,11 @@ def test_teacher_is_the_ema_of_the_student(semi_ws, tmp_path, monkeypatch):
                         lambda *a, callbacks=None, **k: make(*a, callbacks=[*(callbacks or []), Snap()], **k))
     assert _run(data, root / "split.json", tmp_path / "ema", ["semi.ema=0.9"]) == 0
     assert len(snaps) == 20
-    for (t0, _), (t1, s1) in zip(snaps, snaps[1:]):
+    assert all(torch.equal(snaps[0][0][k], snaps[0][1][k]) for k in snaps[0][0])  # update 0 copies the student
+    for t, ((t0, _), (t1, s1)) in enumerate(zip(snaps, snaps[1:]), start=1):
+        m = min(1 - 1 / (t + 1), 0.9)  # 0.5, 0.667, ..., 0.9 from update 9 on
         for k in t1:
-            assert torch.allclose(t1[k], 0.9 * t0[k] + 0.1 * s1[k], atol=1e-6), k
+            assert torch.allclose(t1[k], m * t0[k] + (1 - m) * s1[k], atol=1e-6), (t, k)
     # the saved model is the teacher
     saved = torch.load(tmp_path / "ema" / "model.pt", weights_only=True)["state_dict"]
     assert all(torch.equal(saved[k], snaps[-1][0][k]) for k in snaps[-1][0])

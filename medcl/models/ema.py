@@ -27,6 +27,10 @@ class EMATeacher(nn.Module):
         final_momentum: with ``total_steps``, the momentum reached by the cosine schedule (1 in BYOL);
             ``None`` keeps ``momentum`` constant.
         total_steps: length of the cosine schedule in updates.
+        warmup: the mean teacher's rule (Tarvainen & Valpola, 2017, and UA-MT after it): update ``t`` (0-based)
+            uses ``min(1 - 1 / (t + 1), momentum)``, so the first update copies the student and the teacher is the
+            plain running mean of the student until the momentum is reached (``t = 1 / (1 - m) - 1``). Without it a
+            short run keeps ``m^t`` of the initial weights in the teacher (``0.99^150 = 0.22`` after 150 steps).
 
     The teacher is a submodule (``self.module``), so it moves with ``.to()`` and its weights and the step
     counter are in ``state_dict()`` (tensors only: exact resume with ``torch.load(weights_only=True)``).
@@ -39,10 +43,13 @@ class EMATeacher(nn.Module):
         momentum: float = 0.99,
         final_momentum: float | None = None,
         total_steps: int | None = None,
+        warmup: bool = False,
     ) -> None:
         super().__init__()
         if not 0.0 <= momentum <= 1.0:
             raise ValueError(f"momentum must be in [0, 1], got {momentum}")
+        if warmup and final_momentum is not None:
+            raise ValueError("warmup and a momentum schedule (final_momentum) are exclusive")
         if final_momentum is not None and (total_steps is None or total_steps < 1):
             raise ValueError("a momentum schedule (final_momentum) needs total_steps >= 1")
         self.module = copy.deepcopy(student)
@@ -51,12 +58,15 @@ class EMATeacher(nn.Module):
         self.m0 = float(momentum)
         self.m1 = float(final_momentum) if final_momentum is not None else float(momentum)
         self.total_steps = int(total_steps) if total_steps else 0
+        self.warmup = bool(warmup)
         self.register_buffer("step", torch.zeros((), dtype=torch.long))
         self._step = 0  # host copy of ``step``: no device sync per update
         self.register_load_state_dict_post_hook(_sync_step)
 
     def momentum_at(self, step: int) -> float:
         """The momentum used by update number ``step`` (0-based)."""
+        if self.warmup:
+            return min(1.0 - 1.0 / (step + 1), self.m0)
         if self.total_steps == 0 or self.m1 == self.m0:
             return self.m0
         t = min(step, self.total_steps) / self.total_steps

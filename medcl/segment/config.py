@@ -18,7 +18,7 @@ Layout (every section optional; unknown keys fail before training with the dotte
     inference: {roi_size, overlap, sw_batch_size, mode, tta, mirror_axes}
     eval:     {nsd_tolerance_mm, save_predictions}
     converge: {enabled, min_steps, tail, tolerance, check_every}   # train until converged (max_steps = the cap)
-    semi:     {enabled, mode: pseudo|mse, threshold, weight, rampup_steps, ema, unlabelled_batch, cutmix_prob}
+    semi:     {enabled, mode: pseudo|mse, threshold, weight, rampup_steps, ema, ema_warmup, unlabelled_batch, cutmix_prob}
     trainer:  {max_steps, ckpt_every, ...}   # medcl.engine.trainer.TrainerConfig
 """
 
@@ -220,6 +220,9 @@ class SemiConfig:
         rampup_steps: sigmoid ramp-up of the weight, ``w(t) = weight * exp(-5 (1 - t / T)^2)`` (Laine & Aila,
             2017; Tarvainen & Valpola, 2017).
         ema: momentum of the mean teacher (evaluated and saved as the model).
+        ema_warmup: the mean teacher's warm-up (Tarvainen & Valpola): update ``t`` uses ``min(1 - 1/(t+1), ema)``,
+            so the teacher starts as the student and holds nothing of the initial weights after a short run;
+            ``false`` = constant ``ema`` from the first step.
         unlabelled_batch: unlabelled patches per step.
         cutmix_prob: probability of pasting a box of a labelled patch (with its labels) into an unlabelled patch
             (copy-paste / CutMix, as bidirectional copy-paste, Bai et al., CVPR 2023); the box's target is the
@@ -233,6 +236,7 @@ class SemiConfig:
     weight: float = 1.0
     rampup_steps: int = 200
     ema: float = 0.99
+    ema_warmup: bool = True
     unlabelled_batch: int = 2
     cutmix_prob: float = 0.5
     cutmix_size: float = 0.66

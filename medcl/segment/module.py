@@ -58,7 +58,8 @@ class SegmentationModule(L.LightningModule):
         self.loss_fn = MaskedDiceCELoss(include_background=lc.include_background, batch_dice=lc.batch_dice,
                                         dice_weight=lc.dice_weight, ce_weight=lc.ce_weight)
         self._encoder_frozen: bool | None = None
-        self.teacher: EMATeacher | None = EMATeacher(backbone, momentum=cfg.semi.ema) if cfg.semi.enabled else None
+        self.teacher: EMATeacher | None = EMATeacher(backbone, momentum=cfg.semi.ema,
+                                                         warmup=cfg.semi.ema_warmup) if cfg.semi.enabled else None
 
     # ---- which layers train -------------------------------------------------------------------------
     def encoder_parameters(self) -> list[torch.nn.Parameter]:
