@@ -78,3 +78,16 @@ def test_config_validation():
         from_dict(Cfg, {"opt": {"rate": 1}})
     with pytest.raises(MedclConfigError, match="opt.steps"):
         from_dict(Cfg, {"opt": {"steps": "many"}})
+
+
+def test_errors_survive_pickling_across_processes():
+    """A benchmark fine-tune runs in a worker process: its error must reach the parent as itself (not as a
+    BrokenProcessPool from an exception that cannot be rebuilt)."""
+    import pickle
+
+    from medcl.core.errors import MedclInterrupted
+
+    for err in (MedclConfigError("optim.lr", "must be > 0"), MedclDataError("/x/y.nii.gz", "not a volume"),
+                MedclDataError(None, "no path"), MedclInterrupted("SIGTERM", 7, "/runs/a")):
+        back = pickle.loads(pickle.dumps(err))
+        assert type(back) is type(err) and str(back) == str(err) and vars(back) == vars(err)

@@ -27,6 +27,9 @@ class MedclDataError(MedclError):
         self.problem = problem
         super().__init__(f"{self.path}: {problem}" if self.path else problem)
 
+    def __reduce__(self):  # picklable, so an error in a worker process reaches the parent as itself
+        return (type(self), (self.path or None, self.problem))
+
 
 class MedclInterrupted(MedclError):
     """A run stopped by a signal after writing a checkpoint at the step it reached (``--resume`` continues it).
@@ -42,6 +45,9 @@ class MedclInterrupted(MedclError):
         super().__init__(f"{self.out}: stopped by {signal_name} at step {self.step}; a checkpoint of that step is in "
                          f"{self.out}/checkpoints (continue with --resume)")
 
+    def __reduce__(self):
+        return (type(self), (self.signal_name, self.step, self.out))
+
 
 class MedclConfigError(MedclError):
     """A problem with a configuration value; ``key`` is the dotted key path (``train.lr``)."""
@@ -50,3 +56,6 @@ class MedclConfigError(MedclError):
         self.key = key
         self.problem = problem
         super().__init__(f"config key '{key}': {problem}")
+
+    def __reduce__(self):
+        return (type(self), (self.key, self.problem))
