@@ -193,3 +193,32 @@ def test_former_crossed_bootstrap_undercovers(simulations):
                 for j, d in enumerate(null)]
         cover[cell] = float(np.mean([h.lo <= 0.0 <= h.hi for h in hits]))
     assert min(cover.values()) < 0.90, f"the old procedure unexpectedly covered in every cell: {_fmt(cover)}"
+
+
+def test_forest_plot_draws_the_tables_intervals(tmp_path):
+    """paired_differences.png: one interval per (init vs reference, budget), the same hierarchical interval as the
+    results table; a planted +0.1 gain is drawn as a gain and a zero effect is not."""
+    from medcl.segment.bench_report import difference_intervals, plot_paired_differences
+
+    g = np.random.default_rng(0)
+    rows = []
+    for k in range(5):
+        ck = g.normal(0, 0.03)
+        for s in range(3):
+            for c in range(16):
+                base = 0.6 + g.normal(0, 0.05)
+                for init, shift in (("random", 0.0), ("good", 0.1 + ck), ("same", ck)):
+                    rows.append({"init": init, "budget": "2", "combination": k, "seed": s, "case": f"c{c}",
+                                 "lr": "0.001", "dice": base + shift + g.normal(0, 0.02)})
+    lr_of = {(i, "2"): "0.001" for i in ("random", "good", "same")}
+    refs = {"good": "random", "same": "random"}
+    entries = difference_intervals(rows, inits=["random", "good", "same"], references=refs, lr_of=lr_of)
+    assert [(i, r, b) for i, r, b, _ in entries] == [("good", "random", "2"), ("same", "random", "2")]
+    from medcl.segment.bench_report import paired_differences
+
+    expected = hierarchical_interval(paired_differences(rows, "good", "random", "2", lr_of))
+    assert entries[0][3].lo == expected.lo and entries[0][3].hi == expected.hi
+    assert entries[0][3].lo > 0 and entries[1][3].lo < 0 < entries[1][3].hi
+    out = plot_paired_differences(rows, tmp_path / "paired_differences.png", inits=["random", "good", "same"],
+                                  references=refs, lr_of=lr_of)
+    assert out is not None and out.stat().st_size > 1000

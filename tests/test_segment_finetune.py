@@ -320,6 +320,7 @@ def test_label_efficiency_benchmark_runs_reports_and_resumes(ws, tmp_path, caplo
     from medcl.segment.bench_config import LabelEfficiencyConfig
 
     assert_run_folder(out, "label-efficiency", LabelEfficiencyConfig, step=13)
+    assert (out / "paired_differences.png").is_file()  # the forest plot of the paired-difference table
     assert all(r["lr_rule"] == "validation" for r in table)
     # a rerun skips every finished run and reproduces the tables
     caplog.clear()

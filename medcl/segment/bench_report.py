@@ -35,6 +35,7 @@ from medcl.segment.bench_config import RANDOM
 from medcl.segment.intervals import IntervalResult, hierarchical_interval
 
 __all__ = ["run_means", "paired_differences", "budget_order", "write_report", "plot_dice_vs_labels",
+           "difference_intervals", "plot_paired_differences",
            "UNIT_SENTENCE"]
 
 UNIT_SENTENCE = ("the resampling unit is the labelled-volume combination (seeds of a combination share its volumes "
@@ -280,6 +281,56 @@ def plot_dice_vs_labels(rows: list[dict[str, Any]], path: str | Path, *, inits: 
     ax.set_ylim(0, 1)
     ax.grid(alpha=0.3)
     ax.legend(fontsize=8)
+    if title:
+        ax.set_title(title, fontsize=10)
+    fig.tight_layout()
+    out = Path(path)
+    save_figure(fig, out, dpi=120)
+    return out
+
+
+def difference_intervals(rows: list[dict[str, Any]], *, inits: Sequence[str], references: Mapping[str, str],
+                         lr_of: Mapping[tuple[str, str], str]) -> list[tuple[str, str, str, IntervalResult]]:
+    """``(init, reference, budget, interval)`` of every paired difference the report tables, in table order (the
+    same :func:`paired_differences` and :func:`hierarchical_interval` as the table)."""
+    budgets = budget_order({r["budget"] for r in rows})
+    out = []
+    for init in inits:
+        ref = references.get(init)
+        for b in budgets if ref else []:
+            d = paired_differences(rows, init, ref, _key(b), lr_of)
+            if d.size:
+                out.append((init, ref, _key(b), hierarchical_interval(d)))
+    return out
+
+
+def plot_paired_differences(rows: list[dict[str, Any]], path: str | Path, *, inits: Sequence[str],
+                            references: Mapping[str, str], lr_of: Mapping[tuple[str, str], str],
+                            title: str = "") -> Path | None:
+    """``paired_differences.png``: a forest plot of the paired Dice difference of every init to its random arm,
+    per budget, with the 95% interval over combinations x test cases (green: gain, red: loss, grey: neither)."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    from medcl.engine.plots import save_figure
+
+    entries = [e for e in difference_intervals(rows, inits=inits, references=references, lr_of=lr_of)
+               if math.isfinite(e[3].mean)]
+    if not entries:
+        return None
+    fig, ax = plt.subplots(figsize=(7.2, 1.1 + 0.36 * len(entries)))
+    for y, (*_, r) in enumerate(reversed(entries)):
+        lo, hi = (r.lo, r.hi) if math.isfinite(r.lo) and math.isfinite(r.hi) else (r.mean, r.mean)
+        color = "tab:green" if r.lo > 0 else "tab:red" if r.hi < 0 else "0.45"
+        ax.plot([lo, hi], [y, y], color=color, lw=2)
+        ax.plot(r.mean, y, "o", color=color)
+    ax.axvline(0.0, color="k", lw=0.8)
+    ax.set_yticks(range(len(entries)))
+    ax.set_yticklabels([f"{i} vs {ref}, N={b}" for i, ref, b, _ in reversed(entries)], fontsize=8)
+    ax.set_xlabel("paired Dice difference, 95% interval (combinations x test cases)", fontsize=9)
+    ax.grid(axis="x", alpha=0.3)
     if title:
         ax.set_title(title, fontsize=10)
     fig.tight_layout()

@@ -53,7 +53,13 @@ from medcl.segment.bench_config import (
     load_benchmark_config,
     recipe_overrides,
 )
-from medcl.segment.bench_report import UNIT_SENTENCE, budget_order, plot_dice_vs_labels, write_report
+from medcl.segment.bench_report import (
+    UNIT_SENTENCE,
+    budget_order,
+    plot_dice_vs_labels,
+    plot_paired_differences,
+    write_report,
+)
 from medcl.segment.finetune import DONE_FILE, run_finetune
 from medcl.segment.prepare import CaseSelection, finetune_config_from_dict, merge_config
 
@@ -534,3 +540,5 @@ def _report(cfg: LabelEfficiencyConfig, rows: list[dict[str, Any]], ceiling_rows
     write_report(rows, out / "results.md", inits=names, lr_of=lr_of, header=header, **kw)
     plot_dice_vs_labels(rows, out / "dice_vs_labels.png", inits=names, lr_of=lr_of,
                         title=f"{Path(data).name}: Dice vs labelled volumes")
+    plot_paired_differences(rows, out / "paired_differences.png", inits=names, references=refs, lr_of=lr_of,
+                            title=f"{Path(data).name}: pretraining / recipe minus random init")
