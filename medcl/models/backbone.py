@@ -199,6 +199,21 @@ class Backbone(nn.Module, abc.ABC):
         self.stage_channels: dict[str, int] = {}
         self.stage_strides: dict[str, Stride] = {}
 
+    def _set_unet_stages(self, filters: list[int] | tuple[int, ...], strides: list[Stride]) -> None:
+        """Fill :attr:`stage_channels` / :attr:`stage_strides` for a U-Net with one encoder stage per level (the
+        last one the bottleneck) and decoder stage ``j`` at the resolution and width of skip ``n - 2 - j``."""
+        n = len(filters)
+        cum: Stride = (1, 1, 1)
+        for i in range(n):
+            cum = tuple(c * s for c, s in zip(cum, strides[i]))  # type: ignore[assignment]
+            name = f"encoder.{i}" if i < n - 1 else "bottleneck"
+            self.stage_channels[name] = int(filters[i])
+            self.stage_strides[name] = cum
+        for j in range(n - 1):
+            skip = f"encoder.{n - 2 - j}"
+            self.stage_channels[f"decoder.{j}"] = self.stage_channels[skip]
+            self.stage_strides[f"decoder.{j}"] = self.stage_strides[skip]
+
     # ---- the stages -------------------------------------------------------------------------------------
     @property
     def in_channels(self) -> int:

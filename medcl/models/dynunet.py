@@ -31,7 +31,7 @@ from __future__ import annotations
 from monai.networks.nets import DynUNet
 from torch import Tensor, nn
 
-from medcl.models.backbone import Backbone, BackboneConfig, Stride, as_triple
+from medcl.models.backbone import Backbone, BackboneConfig, as_triple
 from medcl.models.keymaps import KeyMap, register_keymap
 
 _NORMS = {"instance": ("INSTANCE", {"affine": True}), "batch": ("BATCH", {"affine": True})}
@@ -72,16 +72,7 @@ class DynUNetBackbone(Backbone):
         self.decoder = nn.ModuleList(list(net.upsamples))
         self.head = net.output_block if config.has_head else None
 
-        cum: Stride = (1, 1, 1)
-        for i in range(n):
-            cum = tuple(c * s for c, s in zip(cum, strides[i]))  # type: ignore[assignment]
-            name = f"encoder.{i}" if i < n - 1 else "bottleneck"
-            self.stage_channels[name] = int(config.filters[i])
-            self.stage_strides[name] = cum
-        for j in range(n - 1):
-            skip = f"encoder.{n - 2 - j}"
-            self.stage_channels[f"decoder.{j}"] = self.stage_channels[skip]
-            self.stage_strides[f"decoder.{j}"] = self.stage_strides[skip]
+        self._set_unet_stages(config.filters, strides)
 
     @property
     def input_weight_keys(self) -> list[str]:

@@ -39,7 +39,7 @@ import torch
 from torch import Tensor, nn
 
 from medcl.core.errors import MedclDataError
-from medcl.models.backbone import Backbone, BackboneConfig, Stride, as_triple
+from medcl.models.backbone import Backbone, BackboneConfig, as_triple
 from medcl.models.keymaps import KeyMap, find_component, get_keymap, register_keymap, to_foreign
 from medcl.models.nnunet_plans import (
     architecture_of_checkpoint,
@@ -124,16 +124,7 @@ class NnUNetBackbone(Backbone):
         self.decoder = nn.ModuleList([_UpStage(t, s) for t, s in zip(net.decoder.transpconvs, net.decoder.stages)])
         self.head = net.decoder.seg_layers[-1] if config.has_head else None
 
-        cum: Stride = (1, 1, 1)
-        for i, s in enumerate(config.strides):
-            cum = tuple(c * t for c, t in zip(cum, as_triple(s)))  # type: ignore[assignment]
-            name = f"encoder.{i}" if i < n - 1 else "bottleneck"
-            self.stage_channels[name] = int(config.filters[i])
-            self.stage_strides[name] = cum
-        for j in range(n - 1):
-            skip = f"encoder.{n - 2 - j}"
-            self.stage_channels[f"decoder.{j}"] = self.stage_channels[skip]
-            self.stage_strides[f"decoder.{j}"] = self.stage_strides[skip]
+        self._set_unet_stages(config.filters, [as_triple(s) for s in config.strides])
 
     @property
     def input_weight_keys(self) -> list[str]:

@@ -175,18 +175,17 @@ def write_report(rows: list[dict[str, Any]], path: str | Path, *, inits: list[st
                   "**gain** marks a cell whose whole interval lies above 0; any other cell is not distinguishable from "
                   "no difference at this sample size.", "",
                   "| init (vs) | " + " | ".join(f"N={c}" for c in cols) + " |", "|---|" + "---|" * len(cols)]
+        found = {(i, b): r for i, _, b, r in difference_intervals(rows, inits=compared, references=refs, lr_of=lr_of)}
         for init in compared:
-            ref = refs[init]
             cells = []
             for b in budgets:
-                d = paired_differences(rows, init, ref, _key(b), lr_of)
-                if d.size == 0:
+                r = found.get((init, _key(b)))
+                if r is None:
                     cells.append("-")
                     continue
-                r = hierarchical_interval(d)
                 cells.append(_interval_cell(r))
                 (gains if r.lo > 0 else no_evidence).append(f"{init} N={b}")
-            lines.append(f"| {init} (vs {ref}) | " + " | ".join(cells) + " |")
+            lines.append(f"| {init} (vs {refs[init]}) | " + " | ".join(cells) + " |")
         lines += ["", "Gains the intervals support: " + (", ".join(gains) if gains else "none") + "."]
 
     stats = _ceiling_stats(ceiling_rows or [])
@@ -250,8 +249,6 @@ def plot_dice_vs_labels(rows: list[dict[str, Any]], path: str | Path, *, inits: 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    from medcl.engine.plots import save_figure
-
     means = run_means(rows)
     budgets = budget_order({r["budget"] for r in rows})
     num = [b for b in budgets if b != FULL]
@@ -281,6 +278,12 @@ def plot_dice_vs_labels(rows: list[dict[str, Any]], path: str | Path, *, inits: 
     ax.set_ylim(0, 1)
     ax.grid(alpha=0.3)
     ax.legend(fontsize=8)
+    return _save(fig, ax, path, title)
+
+
+def _save(fig: Any, ax: Any, path: str | Path, title: str) -> Path:
+    from medcl.engine.plots import save_figure
+
     if title:
         ax.set_title(title, fontsize=10)
     fig.tight_layout()
@@ -314,8 +317,6 @@ def plot_paired_differences(rows: list[dict[str, Any]], path: str | Path, *, ini
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    from medcl.engine.plots import save_figure
-
     entries = [e for e in difference_intervals(rows, inits=inits, references=references, lr_of=lr_of)
                if math.isfinite(e[3].mean)]
     if not entries:
@@ -331,9 +332,4 @@ def plot_paired_differences(rows: list[dict[str, Any]], path: str | Path, *, ini
     ax.set_yticklabels([f"{i} vs {ref}, N={b}" for i, ref, b, _ in reversed(entries)], fontsize=8)
     ax.set_xlabel("paired Dice difference, 95% interval (combinations x test cases)", fontsize=9)
     ax.grid(axis="x", alpha=0.3)
-    if title:
-        ax.set_title(title, fontsize=10)
-    fig.tight_layout()
-    out = Path(path)
-    save_figure(fig, out, dpi=120)
-    return out
+    return _save(fig, ax, path, title)
