@@ -10,7 +10,8 @@ no test cases). Stages, each a grid of fine-tunes scored by mean validation Dice
                 learning rate x steps. Chosen: the best learning rate, and the smallest step count whose
                 validation Dice is within 0.01 of the best step count's (the plateau; capped at 1500 steps).
 ``semi``        random init, the unlabelled pool (the split's pool minus the validation volume, images only),
-                at the chosen steps: learning rate x pseudo-label threshold.
+                at the chosen steps, ramped up over the first quarter: learning rate (default: the supervised
+                stage's) x consistency (hard pseudo-labels at each ``--thresholds``, and the soft ``mse``).
 ``mae``         MAE pretraining steps on the pool (``configs/pretrain/mae.yaml``), each fine-tuned with the chosen
                 supervised recipe.
 
@@ -43,7 +44,8 @@ ROOT = Path(__file__).resolve().parents[1]
 PLATEAU = 0.01  # validation Dice within this of the best step count counts as the plateau
 STEPS = [250, 500, 1000, 1500]
 LRS = [1.0e-3, 3.0e-3, 1.0e-2]
-THRESHOLDS = [0.8, 0.9]
+THRESHOLDS = [0.7, 0.9]
+SEMI_MODES = ["pseudo", "mse"]
 MAE_STEPS = [300, 1500]
 
 
@@ -86,7 +88,7 @@ def stage_supervised(args, sel, rows) -> dict[str, Any]:
             for seed in args.seeds:
                 d = finetune(args, sel, f"supervised/lr{lr:g}/s{steps}/seed{seed}",
                              [f"optim.lr={lr}", f"trainer.max_steps={steps}", f"seed={seed}"])
-                rows.append({"stage": "supervised", "lr": lr, "steps": steps, "threshold": "", "mae_steps": "",
+                rows.append({"stage": "supervised", "lr": lr, "steps": steps, "mode": "", "threshold": "", "mae_steps": "",
                              "seed": seed, "val_dice": d})
                 log.info("supervised lr=%g steps=%d seed=%d: validation Dice %.3f", lr, steps, seed, d)
     means = _mean_by([r for r in rows if r["stage"] == "supervised"], ("lr", "steps"))
@@ -96,20 +98,31 @@ def stage_supervised(args, sel, rows) -> dict[str, Any]:
     return {"lr_supervised": best_lr, "steps": steps, "supervised_val_dice": means[(best_lr, steps)]}
 
 
+def semi_settings(args) -> list[tuple[str, float]]:
+    """(mode, threshold) pairs of the semi grid: ``pseudo`` at each threshold, ``mse`` once (no threshold)."""
+    out: list[tuple[str, float]] = []
+    for mode in args.semi_modes:
+        out += [(mode, t) for t in args.thresholds] if mode == "pseudo" else [(mode, 0.0)]
+    return out
+
+
 def stage_semi(args, sel, rows, chosen) -> dict[str, Any]:
     steps = chosen["steps"]
-    for lr in args.lrs:
-        for thr in args.thresholds:
+    lrs = args.semi_lrs or [chosen["lr_supervised"]]
+    for lr in lrs:
+        for mode, thr in semi_settings(args):
             for seed in args.seeds:
-                d = finetune(args, sel, f"semi/lr{lr:g}/t{thr:g}/seed{seed}",
+                tag = f"t{thr:g}" if mode == "pseudo" else mode
+                d = finetune(args, sel, f"semi/lr{lr:g}/{tag}/seed{seed}",
                              [f"optim.lr={lr}", f"trainer.max_steps={steps}", f"seed={seed}", "semi.enabled=true",
-                              f"semi.threshold={thr}", f"semi.rampup_steps={steps // 4}"])
-                rows.append({"stage": "semi", "lr": lr, "steps": steps, "threshold": thr, "mae_steps": "",
-                             "seed": seed, "val_dice": d})
-                log.info("semi lr=%g threshold=%g seed=%d: validation Dice %.3f", lr, thr, seed, d)
-    means = _mean_by([r for r in rows if r["stage"] == "semi"], ("lr", "threshold"))
-    (lr, thr), best = max(means.items(), key=lambda kv: kv[1])
-    return {"lr_semi": lr, "threshold": thr, "rampup_steps": steps // 4, "semi_val_dice": best}
+                              f"semi.mode={mode}", f"semi.threshold={thr}", f"semi.rampup_steps={steps // 4}"])
+                rows.append({"stage": "semi", "lr": lr, "steps": steps, "mode": mode, "threshold": thr,
+                             "mae_steps": "", "seed": seed, "val_dice": d})
+                log.info("semi lr=%g %s threshold=%g seed=%d: validation Dice %.3f", lr, mode, thr, seed, d)
+    means = _mean_by([r for r in rows if r["stage"] == "semi"], ("lr", "mode", "threshold"))
+    (lr, mode, thr), best = max(means.items(), key=lambda kv: kv[1])
+    return {"lr_semi": lr, "semi_mode": mode, "threshold": thr, "rampup_steps": steps // 4, "semi_val_dice": best,
+            "semi_beats_supervised": best > chosen["supervised_val_dice"]}
 
 
 def stage_mae(args, sel, rows, chosen) -> dict[str, Any]:
@@ -124,7 +137,7 @@ def stage_mae(args, sel, rows, chosen) -> dict[str, Any]:
             d = finetune(args, sel, f"mae{n}/seed{seed}", [f"optim.lr={chosen['lr_supervised']}",
                                                            f"trainer.max_steps={chosen['steps']}", f"seed={seed}"],
                          init=str(out / "backbone.pt"))
-            rows.append({"stage": "mae", "lr": chosen["lr_supervised"], "steps": chosen["steps"], "threshold": "",
+            rows.append({"stage": "mae", "lr": chosen["lr_supervised"], "steps": chosen["steps"], "mode": "", "threshold": "",
                          "mae_steps": n, "seed": seed, "val_dice": d})
             log.info("mae %d steps seed=%d: validation Dice %.3f", n, seed, d)
     means = _mean_by([r for r in rows if r["stage"] == "mae"], ("mae_steps",))
@@ -168,7 +181,11 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     p.add_argument("--seeds", type=_ints, default=[0, 1], help="comma-separated seeds averaged per setting")
     p.add_argument("--steps", type=_ints, default=STEPS, help="supervised step counts (default 250,500,1000,1500)")
     p.add_argument("--lrs", type=_floats, default=LRS, help="learning rates (default 1e-3,3e-3,1e-2)")
-    p.add_argument("--thresholds", type=_floats, default=THRESHOLDS, help="semi pseudo-label thresholds")
+    p.add_argument("--thresholds", type=_floats, default=THRESHOLDS, help="semi pseudo-label thresholds (0.7,0.9)")
+    p.add_argument("--semi-modes", type=lambda t: t.split(","), default=SEMI_MODES,
+                   help="semi consistency modes (pseudo,mse)")
+    p.add_argument("--semi-lrs", type=_floats, default=None,
+                   help="semi learning rates (default: the one the supervised stage chose)")
     p.add_argument("--mae-steps", type=_ints, default=MAE_STEPS, help="MAE pretraining step counts")
     p.add_argument("--finetune-config", default=str(ROOT / "configs/finetune/hippocampus.yaml"))
     p.add_argument("--stages", default="supervised,semi,mae")

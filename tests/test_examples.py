@@ -110,7 +110,9 @@ def test_recipe_pilot_chooses_on_the_validation_volume_and_never_reads_a_test_ca
     train, val = chosen["train"], chosen["validation"]
     assert len(train) == 1 and len(val) == 1 and chosen["steps"] in (2, 4) and chosen["lr_semi"] in (1e-3, 3e-3)
     rows = list(csv.DictReader(open(tmp_path / "pilot" / "pilot.csv")))
-    assert len(rows) == 2 * 2 + 2  # supervised lr x steps, semi lr x threshold
+    assert len(rows) == 2 * 2 + 2  # supervised lr x steps; semi at the chosen lr: pseudo at 0.5, and mse
+    assert chosen["lr_semi"] == chosen["lr_supervised"] and chosen["semi_mode"] in ("pseudo", "mse")
+    assert sorted(r["mode"] for r in rows if r["stage"] == "semi") == ["mse", "pseudo"]
     best = max((r for r in rows if r["stage"] == "supervised"), key=lambda r: float(r["val_dice"]))
     assert float(best["lr"]) == chosen["lr_supervised"]
     test = set(split.test)
