@@ -25,6 +25,16 @@ bags), how far ``fast``'s probabilities are from ``before``'s (float rounding) a
 classes. Data: ``--epoch-data`` CSVs (default: MUSK1 from ``../shared/data/mil`` when present, else reported as
 skipped) and ``musk2-sized``: synthetic bags of MUSK2's size (102 bags, 166 features, 1 to 1044 instances).
 
+Section ``stacked``: cross-validation throughput in model-epochs/s (one model trained for one epoch) of
+:func:`medcl.mil.stacked.fit_heads` on the 10 folds x ``--stack-seeds`` seeds of each ``--epoch-data`` set (the
+fits ``medcl mil train`` runs, seed ``seed * 1000 + fold``), shipped configs of ``--stack-heads`` (``--set`` adds
+overrides), in three arms: ``before`` and ``fast`` (the ``epochs`` arms: one fit at a time, timed on the first
+``--stack-sample`` fits) and ``stacked`` (``train.stack_models`` = all the fits: one stacked model). Each arm's
+time is the whole call (heads built, features preloaded) divided by its fits, the fastest of ``--repeats``, arms
+interleaved; reported with the speed-ups and, for the sampled fits, the largest probability difference between the
+stacked model and its one-by-one twin (``fast``: the same config; ``before``) on all bags and whether they predict
+the same classes.
+
 Usage::
 
     python benchmarks/mil.py --threads 1                  # CPU: a few minutes, about 3 GB peak
@@ -32,6 +42,8 @@ Usage::
     python benchmarks/mil.py --sections epochs --threads 1 --device cpu --repeats 3 \
         --epoch-data ../shared/data/mil/musk1.csv musk2-sized \
         --epoch-heads abmil gated_abmil meanpool maxpool dsmil clam_sb transmil ins scmil   # about 10 minutes
+    python benchmarks/mil.py --sections stacked --threads 1 --device cpu --repeats 2 --epochs 10 \
+        --epoch-data ../shared/data/mil/musk1.csv musk2-sized                              # about 15 minutes
 """
 
 from __future__ import annotations
@@ -53,7 +65,9 @@ from medcl.config import load_config
 from medcl.core.device import resolve_device
 from medcl.mil.bags import Bag, BagDataset, load_bags
 from medcl.mil.config import MILConfig
+from medcl.mil.cv import stratified_group_kfold
 from medcl.mil.heads import MILHead, build_head
+from medcl.mil.stacked import fit_heads
 from medcl.mil.train import evaluate, fit_head
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -188,14 +202,7 @@ def epoch_case(head: str, ds: BagDataset, args: argparse.Namespace) -> dict:
 
 
 def section_epochs(args: argparse.Namespace) -> dict:
-    datasets, skipped = [], []
-    for name in args.epoch_data:
-        if name == "musk2-sized":
-            datasets.append(musk2_sized(args.seed))
-        elif Path(name).is_file():
-            datasets.append(load_bags(name))
-        else:
-            skipped.append(f"{name}: not found")
+    datasets, skipped = epoch_datasets(args)
     rows = []
     for ds in datasets:
         for head in args.epoch_heads:
@@ -210,7 +217,75 @@ def section_epochs(args: argparse.Namespace) -> dict:
                                                        default=None)}
 
 
-SECTIONS: dict[str, Callable[[argparse.Namespace], object]] = {"heads": section_heads, "epochs": section_epochs}
+def cv_jobs(ds: BagDataset, seeds: int, folds: int = 10) -> list[tuple[BagDataset, int]]:
+    """The (training bags, seed) of every seed and fold, as ``medcl mil train`` runs them (seed * 1000 + fold)."""
+    labels = ds.labels.numpy()
+    return [(ds.subset(np.setdiff1d(np.arange(len(ds)), test)), seed * 1000 + f)
+            for seed in range(seeds) for f, test in enumerate(stratified_group_kfold(labels, folds, seed, None))]
+
+
+def stacked_case(head: str, ds: BagDataset, args: argparse.Namespace) -> dict:
+    """Model-epochs/s of the cross-validation's fits one by one (``before``, ``fast``) and stacked, and how far the
+    stacked models are from the one-by-one ``fast`` (the same config) and ``before`` fits."""
+    jobs = cv_jobs(ds, args.stack_seeds)
+    sample = jobs[: args.stack_sample]  # one-by-one arms: a few fits are enough for a rate
+    over = [f"train.epochs={args.epochs}", f"device={args.device}", f"threads={torch.get_num_threads()}", *args.set]
+    cfgs = {arm: load_config(MILConfig, ROOT / "configs" / "mil" / f"{head}.yaml",
+                             over + [f"train.fast={str(fast).lower()}", f"train.pack_instances={str(pack).lower()}",
+                                     f"train.stack_models={len(jobs) if arm == 'stacked' else 0}"])
+            for arm, (fast, pack) in {**{a: ARMS[a] for a in ("before", "fast")}, "stacked": (True, True)}.items()}
+    seconds = {arm: [] for arm in cfgs}
+    fits = {}
+    for _ in range(args.repeats):  # arms interleaved, so that a busy spell of the machine hits all of them
+        for arm, cfg in cfgs.items():
+            t0 = time.perf_counter()
+            fits[arm] = fit_heads(cfg, sample if arm != "stacked" else jobs)
+            seconds[arm].append((time.perf_counter() - t0) / len(fits[arm]))
+    rate = {arm: args.epochs / min(s) for arm, s in seconds.items()}
+    probs = {arm: [evaluate(f.head, ds, batch_size=16).probs for f in fits[arm][: len(sample)]] for arm in fits}
+    diff = {ref: max(float(np.abs(a - b).max()) for a, b in zip(probs["stacked"], probs[ref])) for ref in ("fast", "before")}
+    same = {ref: all(np.array_equal(a.argmax(1), b.argmax(1)) for a, b in zip(probs["stacked"], probs[ref]))
+            for ref in ("fast", "before")}
+    return {"head": head, "data": ds.source, "bags": len(ds), "instances": ds.n_instances, "epochs": args.epochs,
+            "overrides": list(args.set), "stacked_models": len(jobs), "compared_models": len(sample),
+            **{f"model_epochs_per_second_{arm}": round(v, 3) for arm, v in rate.items()},
+            "speedup_stacked_vs_before": round(rate["stacked"] / rate["before"], 3),
+            "speedup_stacked_vs_fast": round(rate["stacked"] / rate["fast"], 3),
+            "speedup_fast_vs_before": round(rate["fast"] / rate["before"], 3),
+            "stacked_max_abs_probability_difference_vs_fast": diff["fast"],
+            "stacked_same_predicted_classes_as_fast": same["fast"],
+            "stacked_max_abs_probability_difference_vs_before": diff["before"],
+            "stacked_same_predicted_classes_as_before": same["before"]}
+
+
+def section_stacked(args: argparse.Namespace) -> dict:
+    rows = []
+    for ds in epoch_datasets(args)[0]:
+        for head in args.stack_heads:
+            row = stacked_case(head, ds, args)
+            print(f"# {row}", file=sys.stderr, flush=True)
+            rows.append(row)
+    return {"rows": rows, "skipped": epoch_datasets(args)[1],
+            "all_same_predicted_classes_as_fast": all(r["stacked_same_predicted_classes_as_fast"] for r in rows),
+            "max_abs_probability_difference_vs_fast": max(
+                (r["stacked_max_abs_probability_difference_vs_fast"] for r in rows), default=None)}
+
+
+def epoch_datasets(args: argparse.Namespace) -> tuple[list[BagDataset], list[str]]:
+    """The data sets of ``--epoch-data`` and the names that were not found."""
+    datasets, skipped = [], []
+    for name in args.epoch_data:
+        if name == "musk2-sized":
+            datasets.append(musk2_sized(args.seed))
+        elif Path(name).is_file():
+            datasets.append(load_bags(name))
+        else:
+            skipped.append(f"{name}: not found")
+    return datasets, skipped
+
+
+SECTIONS: dict[str, Callable[[argparse.Namespace], object]] = {"heads": section_heads, "epochs": section_epochs,
+                                                              "stacked": section_stacked}
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
@@ -230,6 +305,13 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--epochs", type=int, default=10, help="section epochs: epochs per fit")
     p.add_argument("--seed", type=int, default=0, help="section epochs: the seed of every arm")
     p.add_argument("--repeats", type=int, default=3, help="section epochs: fits per arm (the fastest is reported)")
+    p.add_argument("--stack-heads", nargs="+", default=["abmil", "gated_abmil", "meanpool", "maxpool"],
+                   help="section stacked: heads (configs/mil/HEAD.yaml)")
+    p.add_argument("--stack-seeds", type=int, default=3, help="section stacked: CV seeds (x 10 folds = stacked models)")
+    p.add_argument("--stack-sample", type=int, default=3,
+                   help="section stacked: fits of the one-by-one arms (timed and compared with their stacked twins)")
+    p.add_argument("--set", nargs="*", default=[], metavar="KEY=VALUE",
+                   help="section stacked: config overrides for every arm (e.g. encoder.dropout=0)")
     p.add_argument("--device", default="auto")
     p.add_argument("--threads", type=int, default=None, help="torch CPU threads (1 on a shared machine)")
     return p.parse_args(argv)

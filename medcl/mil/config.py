@@ -13,7 +13,7 @@ name (``train.lr`` -> ``optim.lr``, ``train.scheduler`` -> ``optim.schedule``, `
     abmil: {...}  transmil: {...}  dsmil: {...}  clam: {...}  ins: {...}  scmil: {...}   # head sections
     optim: {lr: 5.0e-4, weight_decay: 1.0e-4, schedule: cosine, lr_warmup_steps: 0, grad_clip: 5.0}
     train: {epochs: 60, batch_size: 16, sampler: random, standardize: global, instance_keep: 1.0, fast: true,
-           pack_instances: true}
+           pack_instances: true, stack_models: 0}
     cv: {folds: 10, seeds: [0, 1, 2, 3, 4], imbalance: null, ...}
     data: {h5_dir: null, classes: null, ...}
 
@@ -85,6 +85,13 @@ class MILTrainConfig:
     padding (:func:`medcl.mil.heads.base.packed_apply`; the same random draws, results equal to the padded
     computation up to float rounding); ``false``: every padded row, bit-identical to earlier medcl. Prediction
     always runs padded.
+
+    ``stack_models``: cross-validation trains up to this many fits of a head (its seeds x folds, in that order)
+    together as one stacked model (:mod:`medcl.mil.stacked`: one batched step for all, each model with its own
+    initialisation, data, batch order and random stream); each equals its one-by-one fit up to float rounding.
+    ``0`` (default) or ``1``: one by one, bit-identical to earlier medcl. Stacked fits always preload their bags
+    (``train.fast`` does not apply); heads without a stacked forward, and bags that cannot be preloaded, train one
+    by one whatever the value (logged). Memory grows with the value (every model's batch activations at once).
     """
 
     RENAMED: ClassVar[dict[str, str]] = {
@@ -108,6 +115,7 @@ class MILTrainConfig:
     instance_keep: float = 1.0  # augmentation: fraction of each bag's instances kept in a training step
     fast: bool = True
     pack_instances: bool = True
+    stack_models: int = 0
 
 
 @dataclass
@@ -155,6 +163,7 @@ class MILConfigBase:
         checks = [
             ("train.epochs", self.train.epochs >= 1, "must be >= 1"),
             ("train.batch_size", self.train.batch_size >= 1, "must be >= 1"),
+            ("train.stack_models", self.train.stack_models >= 0, "must be >= 0 (0: no stacking)"),
             ("threads", self.threads is None or self.threads >= 0, "must be >= 0 or null"),
             ("cv.folds", self.cv.folds >= 2, "must be >= 2"),
             ("cv.seeds", len(self.cv.seeds) >= 1, "needs at least one seed"),

@@ -26,6 +26,12 @@ tables from the unit files. Each fit is a pure function of its seed (``seed * 10
 the first seed), so a resumed run gives the same tables as an uninterrupted one (the ``seconds`` column keeps
 the time of the run that did the fit). Only ``device``, ``threads``, ``data.workers`` and ``train.fast`` may
 change (they do not change results).
+
+**Stacking** (``train.stack_models: S >= 2``): the (seed, fold) fits of a head, in table order, are cut into fixed
+chunks of ``S`` and each chunk is trained as one stacked model (:func:`medcl.mil.stacked.fit_heads`; each fit
+equals its one-by-one fit up to float rounding). The outputs are the same files; a fit's ``seconds`` is its
+chunk's time divided by the fits in it. A resumed run retrains an unfinished chunk whole, so it stacks the same
+models as the uninterrupted run and gives the same tables.
 """
 
 from __future__ import annotations
@@ -50,7 +56,8 @@ from medcl.mil.config import MILConfig
 from medcl.mil.cv import stratified_group_kfold, subsample_class
 from medcl.mil.fast import fast_path_choice
 from medcl.mil.metrics import bag_metrics
-from medcl.mil.train import evaluate, fit_head, save_mil_model
+from medcl.mil.stacked import fit_heads, stack_support
+from medcl.mil.train import FitResult, evaluate, fit_head, save_mil_model
 
 METRICS = ("accuracy", "balanced_accuracy", "auc", "f1")
 RESUME_FREE = ("device", "threads", "data.workers", "train.fast")  # keys a resumed run may change
@@ -219,12 +226,11 @@ class _Unit:
             raise MedclDataError(path, f"unreadable unit of a resumed run ({exc}); rerun with --overwrite") from exc
 
 
-def _fit_unit(cfg: MILConfig, ds: BagDataset, train_idx: np.ndarray, test_idx: np.ndarray, seed: int, fold: int,
-              device: str | None) -> _Unit:
-    """Train on ``train_idx``, predict ``test_idx``: the rows and scores of one fold."""
+def _unit_from_fit(cfg: MILConfig, ds: BagDataset, fit: FitResult, train_idx: np.ndarray, test_idx: np.ndarray,
+                   seed: int, fold: int) -> _Unit:
+    """Predict ``test_idx`` with a head trained on ``train_idx``: the rows and scores of one fold."""
     labels = ds.labels.numpy()
     pos = positive_index(cfg, ds.classes)
-    fit = fit_head(cfg, ds.subset(train_idx), seed=seed * 1000 + fold, device=device)
     pred = evaluate(fit.head, ds.subset(test_idx), batch_size=cfg.train.batch_size, workers=cfg.data.workers)
     m = bag_metrics(labels[test_idx], pred.probs)
     row = {"head": cfg.label, "seed": seed, "fold": fold, "n_train": len(train_idx),
@@ -237,43 +243,90 @@ def _fit_unit(cfg: MILConfig, ds: BagDataset, train_idx: np.ndarray, test_idx: n
     return _Unit(row, pred_rows, pred.probs, fit.steps, pred.instance_scores)
 
 
+@dataclass
+class _Planned:
+    """One (seed, fold) fit of a head: its training and held-out bags and its unit file."""
+
+    seed: int
+    fold: int
+    train_idx: np.ndarray
+    test_idx: np.ndarray
+    path: Path
+    test_ids: list[str]
+
+
+def _plan_units(cfg: MILConfig, ds: BagDataset, out: Path) -> list[_Planned]:
+    """Every (seed, fold) of ``cfg`` in table order (folds depend on the seed only)."""
+    labels = ds.labels.numpy()
+    pos = positive_index(cfg, ds.classes)
+    plan = []
+    for seed in cfg.cv.seeds:
+        for f, test_idx in enumerate(stratified_group_kfold(labels, cfg.cv.folds, seed, ds.patients)):
+            train_idx = np.setdiff1d(np.arange(len(ds)), test_idx)
+            if cfg.cv.imbalance is not None:
+                train_idx = subsample_class(train_idx, labels, pos, cfg.cv.imbalance, seed * 1000 + f)
+            plan.append(_Planned(seed, f, train_idx, test_idx, out / "units" / cfg.label / f"seed{seed}_fold{f}.json",
+                                 [ds.bags[i].id for i in test_idx]))
+    return plan
+
+
+def _fit_chunk(cfg: MILConfig, ds: BagDataset, plan: list[_Planned], first: int, size: int, device: str | None
+               ) -> dict[int, _Unit]:
+    """Train the chunk of ``size`` fits (``train.stack_models``, 1: no stacking) that holds ``plan[first]``, save
+    its units not yet on disk, and return its units from ``first`` on.
+
+    Chunks are fixed slices of the plan and a chunk is retrained whole, so a resumed run stacks exactly the models
+    the uninterrupted run stacked (the same float rounding).
+    """
+    start = first - first % size
+    part = plan[start : start + size]
+    jobs = [(ds.subset(p.train_idx), p.seed * 1000 + p.fold) for p in part]
+    fits = [fit_head(cfg, jobs[0][0], seed=jobs[0][1], device=device)] if size < 2 else fit_heads(cfg, jobs, device)
+    units = {}
+    for i, (p, fit) in enumerate(zip(part, fits), start):
+        if i < first:
+            continue
+        units[i] = _unit_from_fit(cfg, ds, fit, p.train_idx, p.test_idx, p.seed, p.fold)
+        if not p.path.is_file():
+            units[i].save(p.path, p.test_ids, p.seed, p.fold)
+    return units
+
+
 def _cross_validate_head(cfg: MILConfig, ds: BagDataset, out: Path, cv: _CVOutputs, bar: Any,
                          device: str | None, folder: RunFolder) -> None:
     """Every seed and fold of one head (finished ones read back): rows, pooled metrics, instance scores."""
     name = cfg.label
     labels = ds.labels.numpy()
-    pos = positive_index(cfg, ds.classes)
     score_entries = []
     cv.pooled[name] = []
-    for seed in cfg.cv.seeds:
-        folds = stratified_group_kfold(labels, cfg.cv.folds, seed, ds.patients)
-        oof = np.zeros((len(ds), len(ds.classes)))
-        for f, test_idx in enumerate(folds):
-            bar.set_postfix_str(f"{name} seed {seed} fold {f}")
-            test_ids = [ds.bags[i].id for i in test_idx]
-            path = out / "units" / name / f"seed{seed}_fold{f}.json"
-            if path.is_file():
-                unit = _Unit.load(path, test_ids, seed, f)
-            else:
-                train_idx = np.setdiff1d(np.arange(len(ds)), test_idx)
-                if cfg.cv.imbalance is not None:
-                    train_idx = subsample_class(train_idx, labels, pos, cfg.cv.imbalance, seed * 1000 + f)
-                unit = _fit_unit(cfg, ds, train_idx, test_idx, seed, f, device)
-                unit.save(path, test_ids, seed, f)
-            oof[test_idx] = unit.probs
-            cv.rows.append(unit.row)
-            cv.pred_rows += unit.pred_rows
-            cv.steps += unit.steps
-            if unit.scores is not None:
-                score_entries.append((seed, f, test_ids, unit.scores))
-            folder.stopped_at(cv.steps)
-            bar.update(1)
-        pooled_m = bag_metrics(labels, oof)
-        cv.pooled[name].append(pooled_m)
-        fold_rows = [r for r in cv.rows if r["head"] == name and r["seed"] == seed]
-        log.info("[%s] seed %s: accuracy %.3f (mean of %d folds), pooled AUC %.3f, %.1f s", name, seed,
-                 np.mean([r["accuracy"] for r in fold_rows]), len(fold_rows), pooled_m["auc"],
-                 sum(r["seconds"] for r in fold_rows))
+    plan = _plan_units(cfg, ds, out)
+    size = max(1, cfg.train.stack_models)
+    if size >= 2 and (why := stack_support(cfg, ds)) is not None:
+        log.info("[%s] train.stack_models = %d: training one by one, %s", name, size, why)
+        size = 1
+    fresh: dict[int, _Unit] = {}
+    oof = np.zeros((len(ds), len(ds.classes)))
+    for i, p in enumerate(plan):
+        bar.set_postfix_str(f"{name} seed {p.seed} fold {p.fold}")
+        if i not in fresh and not p.path.is_file():
+            fresh = _fit_chunk(cfg, ds, plan, i, size, device)
+        unit = fresh.pop(i) if i in fresh else _Unit.load(p.path, p.test_ids, p.seed, p.fold)
+        oof[p.test_idx] = unit.probs
+        cv.rows.append(unit.row)
+        cv.pred_rows += unit.pred_rows
+        cv.steps += unit.steps
+        if unit.scores is not None:
+            score_entries.append((p.seed, p.fold, p.test_ids, unit.scores))
+        folder.stopped_at(cv.steps)
+        bar.update(1)
+        if i + 1 == len(plan) or plan[i + 1].seed != p.seed:  # the seed's last fold: its pooled out-of-fold metrics
+            pooled_m = bag_metrics(labels, oof)
+            cv.pooled[name].append(pooled_m)
+            fold_rows = [r for r in cv.rows if r["head"] == name and r["seed"] == p.seed]
+            log.info("[%s] seed %s: accuracy %.3f (mean of %d folds), pooled AUC %.3f, %.1f s", name, p.seed,
+                     np.mean([r["accuracy"] for r in fold_rows]), len(fold_rows), pooled_m["auc"],
+                     sum(r["seconds"] for r in fold_rows))
+            oof = np.zeros((len(ds), len(ds.classes)))
     if score_entries:
         _write_instance_scores(out / "instance_scores" / f"{name}.h5", score_entries)
 

@@ -11,6 +11,9 @@ and gathered per batch (:class:`medcl.mil.fast.PackedBags`); the others stream, 
 DataLoader workers from their h5 files when lazy). Independently, ``train.pack_instances`` runs each head's
 instance MLP on the real instances only during training (:meth:`medcl.mil.heads.MILHead.encode`): the same model
 up to float rounding, with the same random draws; prediction always runs the padded computation.
+
+Cross-validation may train several fits of a head at once as one stacked model (``train.stack_models``,
+:mod:`medcl.mil.stacked`), each starting from :func:`prepare_fit` as :func:`fit_head` does.
 """
 
 from __future__ import annotations
@@ -106,30 +109,49 @@ def fit_head(
         return _fit(cfg, train_ds, seed, device)
 
 
-def _fit(cfg: MILConfig, train_ds: BagDataset, seed: int, device: str | torch.device | None) -> FitResult:
-    t0 = time.perf_counter()
+def prepare_fit(cfg: MILConfig, train_ds: BagDataset, seed: int, dev: torch.device) -> tuple[MILHead, BagBatchSampler]:
+    """A fit's start, in the order that fixes its random draws: seed everything, build the head (its
+    initialisation), fit the feature standardisation on ``train_ds``, the fit's batch sampler, the head's
+    :meth:`~medcl.mil.heads.MILHead.prepare_training`. Shared by :func:`fit_head` and the stacked fits
+    (:mod:`medcl.mil.stacked`), so both start every model from the same state."""
     seed_everything(seed)
-    dev = resolve_device(device if device is not None else cfg.device)
     k = len(train_ds.classes)
     head = build_head(cfg, train_ds.in_dim, k).to(dev)
-    tc, oc = cfg.train, cfg.optim
+    tc = cfg.train
     if tc.standardize != "none":
         head.set_standardization(*feature_stats(train_ds, tc.standardize, tc.std_floor))
     min_pc = int(getattr(head, "min_per_class", 0))
     sampler = BagBatchSampler(train_ds.labels, tc.batch_size, tc.sampler, min_pc, seed)
     sizes = sorted((b.n for b in train_ds.bags), reverse=True)
-    total_steps = tc.epochs * len(sampler)
     head.prepare_training(
         TrainingInfo(
             n_bags=len(train_ds), n_instances=train_ds.n_instances, labels=train_ds.labels, epochs=tc.epochs,
             steps_per_epoch=len(sampler), max_batch_instances=int(sum(sizes[: tc.batch_size + min_pc * k])),
         )
     )
-    params = [p for p in head.parameters() if p.requires_grad]
+    return head, sampler
+
+
+def make_optimizer(
+    cfg: MILConfig, params: list[torch.Tensor], total_steps: int
+) -> tuple[torch.optim.Optimizer, torch.optim.lr_scheduler.LRScheduler | None]:
+    """AdamW over ``params`` and its per-step learning-rate scheduler (``None`` for a constant rate)."""
+    oc = cfg.optim
     opt = torch.optim.AdamW(params, lr=oc.lr, weight_decay=oc.weight_decay, foreach=True)
     sched = None
     if oc.schedule != "constant" or oc.lr_warmup_steps > 0:  # constant without warm-up: no scheduler at all
         sched = make_lr_scheduler(opt, lr_schedule(total_steps, oc.schedule, oc.lr_warmup_steps))
+    return opt, sched
+
+
+def _fit(cfg: MILConfig, train_ds: BagDataset, seed: int, device: str | torch.device | None) -> FitResult:
+    t0 = time.perf_counter()
+    dev = resolve_device(device if device is not None else cfg.device)
+    head, sampler = prepare_fit(cfg, train_ds, seed, dev)
+    tc, oc = cfg.train, cfg.optim
+    total_steps = tc.epochs * len(sampler)
+    params = [p for p in head.parameters() if p.requires_grad]
+    opt, sched = make_optimizer(cfg, params, total_steps)
     fast, why = fast_path_choice(train_ds, tc.fast, cfg.data.max_memory_gb)
     log.debug("training %s on %d bags: %s", cfg.label, len(train_ds), why)
     packed = PackedBags(train_ds, dev) if fast else None

@@ -108,8 +108,8 @@ def packed_apply(module: nn.Module, x: Tensor, mask: Tensor) -> Tensor:
     ``x [B, N, D], mask [B, N] -> [B, N, E]``: the rows where ``mask`` is True equal ``module(x)``'s up to float
     rounding (the matrix products see ``M`` real rows instead of ``B * N``); padding rows are zero instead of
     ``module(0)``, which no head reads. Dropout draws its noise over the padded shape ``[B, N, E]`` exactly as
-    ``module(x)`` would (:func:`torch.nn.functional.dropout` of ones) and keeps the real rows' part, so the random
-    stream, and every later draw, is the padded computation's. Falls back to ``module(x)`` for other modules.
+    ``module(x)`` would (:func:`dropout_noise`) and keeps the real rows' part, so the random stream, and every later
+    draw, is the padded computation's. Falls back to ``module(x)`` for other modules.
     """
     layers = _row_wise_layers(module)
     if layers is None:
@@ -119,11 +119,25 @@ def packed_apply(module: nn.Module, x: Tensor, mask: Tensor) -> Tensor:
     for layer in layers:
         if isinstance(layer, nn.Dropout):
             if layer.training and layer.p > 0:
-                ones = torch.ones((*shape, h.shape[-1]), dtype=h.dtype, device=h.device)
-                h = h * F.dropout(ones, layer.p, training=True)[mask]  # noise / (1 - p), as F.dropout multiplies
+                h = h * dropout_noise((*shape, h.shape[-1]), layer.p, mask, h.dtype)
         else:
             h = layer(h)
     return h.new_zeros((*shape, h.shape[-1])).index_put((mask,), h)
+
+
+def dropout_noise(shape: tuple[int, ...], p: float, mask: Tensor, dtype: torch.dtype = torch.float32) -> Tensor:
+    """The multiplier ``F.dropout(x, p)`` applies to an ``x`` of ``shape`` (0 or ``1 / (1 - p)``), drawn from the
+    global generator exactly as ``F.dropout`` draws it, at the rows where ``mask`` (``shape[:-1]``) is True:
+    ``[M, shape[-1]]``.
+
+    On a CPU ``F.dropout(x)`` is ``x * (bernoulli(1 - p) / (1 - p))`` over the whole shape; drawing that Bernoulli
+    noise directly and scaling the kept rows only gives the same numbers and leaves the generator in the same
+    state, without a padded tensor of ones and two padded passes. Elsewhere (CUDA's fused dropout draws otherwise)
+    it is ``F.dropout`` of ones.
+    """
+    if mask.device.type == "cpu":
+        return torch.empty(shape, dtype=dtype).bernoulli_(1 - p)[mask].div_(1 - p)
+    return F.dropout(torch.ones(shape, dtype=dtype, device=mask.device), p, training=True)[mask]
 
 
 def set_instance_packing(head: nn.Module, on: bool) -> None:
