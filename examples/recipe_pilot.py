@@ -159,6 +159,7 @@ def plot(args: argparse.Namespace, rows: list[dict[str, Any]], path: Path) -> No
         ax.plot(args.steps, [means[(lr, s)] for s in args.steps], marker="o", label=f"lr {lr:g}")
     ax.set(xlabel="fine-tuning steps", ylabel="validation Dice", title="random init, supervised (pilot)")
     ax.legend()
+    fig.tight_layout()
     save_figure(fig, path)
 
 
