@@ -51,6 +51,7 @@ from medcl.mil.config import MILConfig
 from medcl.mil.fast import fast_path_choice
 from medcl.mil.heads import ABMIL, MaxPoolMIL, MeanPoolMIL, MILHead, head_spec
 from medcl.mil.heads.base import _row_wise_layers, dropout_noise
+from medcl.mil.sampling import BagBatchSampler
 from medcl.mil.train import FitResult, fit_head, make_optimizer, prepare_fit
 
 __all__ = ["fit_heads", "stack_support", "StackedFit"]
@@ -92,7 +93,8 @@ def fit_heads(
         for start in range(0, len(jobs), size):
             groups: dict[int, list[int]] = {}
             for j in range(start, min(start + size, len(jobs))):
-                groups.setdefault(-(-len(jobs[j][0]) // cfg.train.batch_size), []).append(j)
+                steps = len(BagBatchSampler(jobs[j][0].labels, cfg.train.batch_size))  # the sampler's own rule
+                groups.setdefault(steps, []).append(j)
             for members in groups.values():
                 if len(members) == 1:
                     fits = [fit_head(cfg, jobs[members[0]][0], seed=jobs[members[0]][1], device=device)]
